@@ -1,0 +1,136 @@
+"""PoseNet: a torchvision backbone with its classifier removed and a pose regression head.
+
+Kendall & Cipolla: GoogLeNet (Inception v1) features -> FC(2048) -> 3 position + 4
+quaternion values; the quaternion is normalised to unit length in the forward pass.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from .geometry import quat_normalize
+
+log = logging.getLogger(__name__)
+
+# name -> (torchvision constructor name, attribute holding the classifier)
+BACKBONES = {
+    "googlenet": ("googlenet", "fc"),
+    "resnet18": ("resnet18", "fc"),
+    "resnet34": ("resnet34", "fc"),
+    "resnet50": ("resnet50", "fc"),
+    "mobilenet_v3_small": ("mobilenet_v3_small", "classifier"),
+    "mobilenet_v3_large": ("mobilenet_v3_large", "classifier"),
+    "efficientnet_b0": ("efficientnet_b0", "classifier"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network; stored in checkpoints."""
+
+    backbone: str = "googlenet"
+    hidden_dim: int = 2048
+    dropout: float = 0.5
+    pretrained: bool = True
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be positive, got {self.hidden_dim}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+
+def _cached_imagenet_weights(name: str):
+    """torchvision's DEFAULT ImageNet weights if already in the torch hub cache, else None.
+
+    Never downloads: robots and CI machines are often offline, and a hanging
+    download at node start-up is worse than a clear warning.
+    """
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    return weights if os.path.isfile(path) else None
+
+
+def build_backbone(name: str, pretrained: bool) -> tuple[nn.Module, int]:
+    """Backbone with its classifier replaced by identity, and its feature width."""
+    ctor_name, head_attr = BACKBONES[name]
+    weights = _cached_imagenet_weights(ctor_name) if pretrained else None
+    if pretrained and weights is None:
+        log.warning(
+            "ImageNet weights for %s are not in the torch cache (%s); starting from random "
+            "initialisation, which trains much worse on real images. Download them once with "
+            "torchvision.models.get_model_weights(%r).DEFAULT.get_state_dict().",
+            name, torch.hub.get_dir(), ctor_name,
+        )
+    kwargs = {"weights": weights}
+    if ctor_name == "googlenet":
+        # Aux classifiers are ImageNet-specific; init_weights avoids a scipy-based slow path warning.
+        kwargs.update(aux_logits=False, init_weights=weights is None)
+    net = getattr(torchvision.models, ctor_name)(**kwargs)
+    head = getattr(net, head_attr)
+    if isinstance(head, nn.Sequential):
+        in_features = next(m.in_features for m in head if isinstance(m, nn.Linear))
+    else:
+        in_features = head.in_features
+    setattr(net, head_attr, nn.Identity())
+    return net, in_features
+
+
+class PoseNet(nn.Module):
+    """Camera pose regressor.
+
+    ``forward(images (B, 3, H, W)) -> (t (B, 3), q (B, 4))``: camera-to-world position
+    and unit quaternion (w, x, y, z), see :mod:`ros2_posenet.geometry`.
+    Dropout layers are ``nn.Dropout`` modules so ``eval()`` disables them and
+    Monte-Carlo dropout can be enabled deliberately with :meth:`enable_mc_dropout`.
+    """
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        self.config = config or ModelConfig()
+        self.backbone, feat_dim = build_backbone(self.config.backbone, self.config.pretrained)
+        self.head = nn.Sequential(
+            nn.Dropout(self.config.dropout),
+            nn.Linear(feat_dim, self.config.hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(self.config.dropout),
+        )
+        self.fc_position = nn.Linear(self.config.hidden_dim, 3)
+        self.fc_rotation = nn.Linear(self.config.hidden_dim, 4)
+        # Start at the identity rotation so early quaternion normalisation is well defined.
+        with torch.no_grad():
+            self.fc_rotation.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.head(torch.flatten(self.backbone(images), 1))
+        return self.fc_position(features), quat_normalize(self.fc_rotation(features))
+
+    def enable_mc_dropout(self) -> None:
+        """Keep the network in eval mode but re-activate dropout, for MC-dropout sampling."""
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.train()
+
+    def set_position_offset(self, mean_position: torch.Tensor) -> None:
+        """Initialise the position bias to the training set's mean position.
+
+        Scenes are rarely centred on the origin; starting from their mean lets the
+        network learn offsets rather than absolute coordinates first.
+        """
+        with torch.no_grad():
+            self.fc_position.bias.copy_(torch.as_tensor(mean_position, dtype=self.fc_position.bias.dtype))

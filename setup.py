@@ -1,0 +1,36 @@
+"""ament_python package: `colcon build` on a robot, or `pip install -e .` in the PyPI venv."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "ros2_posenet"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*", "bench"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="ros2_posenet maintainers",
+    maintainer_email="maintainers@ros2-posenet.dev",
+    description="PoseNet camera relocalisation for ROS 2",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "posenet_node = ros2_posenet.ros.node:main",
+            "train = ros2_posenet.train:main",
+            "evaluate = ros2_posenet.evaluate:main",
+            "synth-scene = ros2_posenet.data.synthetic:main",
+            "relocalize-bag = ros2_posenet.tools.relocalize_bag:main",
+            "export = ros2_posenet.tools.export:main",
+            "demo = ros2_posenet.tools.demo:main",
+        ],
+    },
+)

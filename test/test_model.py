@@ -1,0 +1,85 @@
+"""PoseNet output contract for every backbone, dropout behaviour and preprocessing."""
+import numpy as np
+import pytest
+import torch
+
+from ros2_posenet.model import BACKBONES, ModelConfig, PoseNet
+from ros2_posenet.preprocess import PreprocessConfig, Preprocessor
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_every_backbone_outputs_position_and_unit_quaternion(backbone):
+    torch.manual_seed(0)
+    model = PoseNet(ModelConfig(backbone=backbone, pretrained=False, hidden_dim=16)).eval()
+    with torch.no_grad():
+        t, q = model(torch.randn(2, 3, 96, 96))
+    assert t.shape == (2, 3) and q.shape == (2, 4)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(2))
+
+
+def test_missing_imagenet_weights_warn_instead_of_downloading(caplog, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty cache
+    with caplog.at_level("WARNING"):
+        PoseNet(ModelConfig(backbone="resnet18", pretrained=True, hidden_dim=8))
+    assert "not in the torch cache" in caplog.text
+
+
+def test_eval_is_deterministic_and_mc_dropout_is_not():
+    torch.manual_seed(0)
+    model = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=64, dropout=0.5)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(x)[0], model(x)[0]
+        torch.testing.assert_close(a, b)
+        model.enable_mc_dropout()
+        samples = torch.stack([model(x)[0] for _ in range(5)])
+    assert samples.std(0).max() > 0
+    assert not model.training and model.head[0].training  # BatchNorm stays frozen, dropout on
+
+
+def test_position_offset_sets_bias():
+    model = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=8))
+    model.set_position_offset(torch.tensor([10.0, -5.0, 1.5]))
+    torch.testing.assert_close(model.fc_position.bias.detach(), torch.tensor([10.0, -5.0, 1.5]))
+
+
+def test_bad_model_config_is_rejected():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        ModelConfig(backbone="vgg99")
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(dropout=1.5)
+
+
+def test_preprocess_keeps_projection_exact():
+    """A pixel's ray must land on the same content after resize + crop with the updated K."""
+    cfg = PreprocessConfig(resize=60, crop=48)
+    pre = Preprocessor(cfg)
+    image = np.zeros((120, 160, 3), np.uint8)
+    image[56:60, 80:84] = 255  # a 4x4 bright square centred at pixel (81.5, 57.5), inside every crop
+    K = np.array([[200.0, 0, 80], [0, 200.0, 60], [0, 0, 1]])
+    ray = np.linalg.inv(K) @ np.array([81.5, 57.5, 1.0])
+    for rng in (None, np.random.default_rng(3)):
+        cropped, K2 = pre.geometric(image, K, rng)
+        assert cropped.shape == (48, 48, 3)
+        u, v, w = K2 @ ray
+        ys, xs = np.nonzero(cropped[..., 0] > 64)
+        weights = cropped[ys, xs, 0].astype(float)
+        assert abs(np.average(xs, weights=weights) - u / w) < 0.3
+        assert abs(np.average(ys, weights=weights) - v / w) < 0.3
+
+
+def test_preprocess_normalisation_and_bad_images():
+    pre = Preprocessor(PreprocessConfig(resize=32, crop=32))
+    tensor, K = pre(np.full((32, 48, 3), 255, np.uint8))
+    assert tensor.shape == (3, 32, 32) and K is None
+    expected = (1.0 - torch.tensor(cfg_mean := pre.config.mean)) / torch.tensor(pre.config.std)
+    torch.testing.assert_close(tensor[:, 0, 0], expected.float())
+    assert len(cfg_mean) == 3
+    with pytest.raises(ValueError, match="HxWx3"):
+        pre(np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match="too small"):
+        pre(np.zeros((0, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        pre(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="crop"):
+        PreprocessConfig(resize=32, crop=64)
