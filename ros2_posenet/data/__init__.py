@@ -1,0 +1,72 @@
+"""Pose datasets: Cambridge Landmarks, 7-Scenes and the synthetic scene that writes both.
+
+``build_dataset(kind, root, split, preprocess, augment, ...)`` is the one entry
+point of the trainer and tools; items and batches follow the contract in
+:mod:`ros2_posenet.data.common`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..preprocess import PreprocessConfig, Preprocessor
+from .cambridge import CambridgeLandmarks, NvmReconstruction, read_nvm
+from .common import DatasetError, PoseDataset, PoseRecord, build_item, collate_pose_batch, color_jitter
+from .seven_scenes import SevenScenes
+
+DATASET_KINDS = {"cambridge": CambridgeLandmarks, "7scenes": SevenScenes}
+_ALIASES = {"7-scenes": "7scenes", "seven_scenes": "7scenes", "sevenscenes": "7scenes", "cambridge_landmarks": "cambridge"}
+
+__all__ = [
+    "CambridgeLandmarks",
+    "DATASET_KINDS",
+    "DatasetError",
+    "NvmReconstruction",
+    "PoseDataset",
+    "PoseRecord",
+    "SevenScenes",
+    "build_dataset",
+    "build_item",
+    "collate_pose_batch",
+    "color_jitter",
+    "read_nvm",
+]
+
+
+def build_dataset(
+    kind: str,
+    root: str | Path,
+    split: str,
+    preprocess: PreprocessConfig | Preprocessor | None = None,
+    augment: bool = False,
+    max_points: int = 256,
+    color_jitter: float = 0.0,
+    seed: int = 0,
+    **options,
+) -> PoseDataset:
+    """Open a scene as a torch Dataset.
+
+    Args:
+        kind: ``"cambridge"`` or ``"7scenes"`` (``"7-scenes"`` also accepted).
+        root: scene folder.
+        split: ``"train"`` or ``"test"``.
+        preprocess: resize/crop settings (the checkpoint's PreprocessConfig).
+        augment: random crop, colour jitter and random point subsets (training only).
+        max_points: 3D points per item for the reprojection loss (0: none).
+        color_jitter: brightness/contrast/saturation jitter strength, applied only
+            with ``augment``; 0 (the paper's setting) disables it.
+        seed: base seed of the per-item random draws.
+        **options: loader-specific options (Cambridge: ``reconstruction``,
+            ``reconstruction_width``, ``focal``).
+
+    Raises:
+        ValueError: unknown kind or split. DatasetError: missing or malformed files.
+    """
+    key = _ALIASES.get(str(kind).lower(), str(kind).lower())
+    if key not in DATASET_KINDS:
+        raise ValueError(f"dataset kind must be one of {sorted(DATASET_KINDS)}, got {kind!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return DATASET_KINDS[key](
+        root, split=split, preprocess=preprocess, augment=augment, max_points=max_points,
+        color_jitter=color_jitter, seed=seed, **options,
+    )

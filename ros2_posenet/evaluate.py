@@ -1,0 +1,363 @@
+"""Evaluate a checkpoint: pose error statistics, baselines for context, tables and plots.
+
+``evaluate --checkpoint runs/synthetic/reprojection/best.pt --dataset synthetic --root data/synthetic``
+
+Errors: position error is the Euclidean distance in metres; rotation error is the
+geodesic angle ``2·acos|<q̂, q>|`` in degrees (never a difference of Euler angles).
+Per scene we report median and mean errors and the share of frames within
+(0.25 m, 2°), (0.5 m, 5°) and (5 m, 10°), next to two baselines: the training
+set's mean pose, and nearest-neighbour image retrieval over the training images.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .baselines import MeanPoseBaseline, NearestNeighbourBaseline, tiny_image_descriptor
+from .checkpoint import CheckpointError
+from .geometry import position_error, quat_canonical, rotation_error_deg
+from .inference import Relocalizer
+
+log = logging.getLogger(__name__)
+
+# (metres, degrees) pairs: the usual relocalisation accuracy bins (fine, medium, coarse).
+THRESHOLDS = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
+METHOD_MODEL = "posenet"
+METHOD_MEAN = "mean pose"
+METHOD_NN = "nearest neighbour"
+
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def pose_errors(pred_t: torch.Tensor, pred_q: torch.Tensor, true_t: torch.Tensor, true_q: torch.Tensor):
+    """Per-frame errors: ``(position (N,) metres, rotation (N,) degrees)`` as float64 numpy."""
+    pos = position_error(pred_t.double(), true_t.double())
+    rot = rotation_error_deg(pred_q.double(), true_q.double())
+    return pos.cpu().numpy(), rot.cpu().numpy()
+
+
+def threshold_key(metres: float, degrees: float) -> str:
+    """Name of a threshold bin in result dicts, e.g. ``within_0.25m_2deg``."""
+    return f"within_{metres:g}m_{degrees:g}deg"
+
+
+def summarize_errors(position_err: np.ndarray, rotation_err: np.ndarray, thresholds=THRESHOLDS) -> dict:
+    """Median/mean errors and the share of frames inside each (m, °) bin.
+
+    Args:
+        position_err: (N,) metres. rotation_err: (N,) degrees.
+    """
+    position_err, rotation_err = np.asarray(position_err, float), np.asarray(rotation_err, float)
+    if position_err.shape != rotation_err.shape or position_err.ndim != 1:
+        raise ValueError(f"need two (N,) error arrays, got {position_err.shape} and {rotation_err.shape}")
+    n = len(position_err)
+    summary = {
+        "frames": n,
+        "median_position_m": float(np.median(position_err)) if n else float("nan"),
+        "median_rotation_deg": float(np.median(rotation_err)) if n else float("nan"),
+        "mean_position_m": float(np.mean(position_err)) if n else float("nan"),
+        "mean_rotation_deg": float(np.mean(rotation_err)) if n else float("nan"),
+    }
+    for metres, degrees in thresholds:
+        inside = (position_err <= metres) & (rotation_err <= degrees)
+        summary[threshold_key(metres, degrees)] = float(inside.mean()) if n else float("nan")
+    return summary
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def dataset_poses(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground-truth ``(t (N, 3), q (N, 4))`` of a dataset, read from its ``samples`` records.
+
+    Reading the records avoids decoding every image just to get its pose.
+    """
+    base, indices = _unwrap_subset(dataset)
+    records = [base.samples[i] for i in indices]
+    t = torch.tensor(np.array([_record_field(r, "position") for r in records], dtype=np.float64), dtype=torch.float32)
+    q = torch.tensor(np.array([_record_field(r, "rotation") for r in records], dtype=np.float64), dtype=torch.float32)
+    return t, quat_canonical(q)
+
+
+def _record_field(record, name: str):
+    return record[name] if isinstance(record, dict) else getattr(record, name)
+
+
+def _unwrap_subset(dataset) -> tuple[Dataset, list[int]]:
+    """The underlying dataset and the indices a (possibly nested) ``Subset`` selects."""
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+@torch.inference_mode()
+def predict_poses(
+    forward: Forward,
+    dataset: Dataset,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "predict",
+) -> dict[str, torch.Tensor]:
+    """Run ``forward`` over a (non-augmented) dataset.
+
+    Args:
+        forward: preprocessed images (B, 3, H, W) -> (t (B, 3), q (B, 4)); e.g. an eval-mode
+            PoseNet or :meth:`Relocalizer.forward_batch`.
+
+    Returns:
+        CPU float32 tensors ``pred_t`` (N, 3), ``pred_q`` (N, 4), ``true_t``, ``true_q`` and
+        ``index`` (N,) in dataset order.
+    """
+    from .data import collate_pose_batch
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_pose_batch)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("pred_t", "pred_q", "true_t", "true_q", "index")}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        t, q = forward(batch["image"])
+        out["pred_t"].append(t.float().cpu())
+        out["pred_q"].append(quat_canonical(q.float().cpu()))
+        out["true_t"].append(batch["position"].float())
+        out["true_q"].append(batch["rotation"].float())
+        out["index"].append(torch.as_tensor(batch["index"]).long())
+    return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
+
+
+def model_forward(model: torch.nn.Module, device: torch.device) -> Forward:
+    """Wrap an eval-mode model as a :data:`Forward` that moves batches to ``device``."""
+
+    def forward(images: torch.Tensor):
+        t, q = model(images.to(device, non_blocking=True))
+        return t.float(), q.float()
+
+    return forward
+
+
+def image_descriptors(dataset, progress: bool = False, desc: str = "descriptors") -> torch.Tensor:
+    """Tiny-image descriptors (N, D) of a dataset's raw images (``dataset.load_image``)."""
+    base, indices = _unwrap_subset(dataset)
+    rows = [tiny_image_descriptor(base.load_image(i)) for i in tqdm(indices, desc=desc, leave=False, disable=not progress)]
+    return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 1)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    dataset_kind: str,
+    root: str | Path,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    baselines: bool = True,
+    train_root: str | Path | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    device: str = "auto",
+    plots: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Errors of a checkpoint on one scene's split, with baselines; optionally writes files.
+
+    Returns a dict with ``scene``, ``split``, ``checkpoint``, ``methods`` (method name ->
+    :func:`summarize_errors` dict) and ``files`` (written paths). With ``out_dir`` it
+    writes ``results.json``, ``results.csv``, ``frames.csv`` (per-frame predictions and
+    errors) and, with ``plots``, ``error_cdf.png`` and ``trajectory.png``.
+    """
+    from .data import build_dataset
+
+    reloc = Relocalizer(str(checkpoint), device=device)
+    preprocess = reloc.preprocessor.config
+    dataset = build_dataset(dataset_kind, root, split, preprocess, augment=False, max_points=0)
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} split of {root} has no images")
+    scene = getattr(dataset, "scene_name", Path(root).name)
+    pred = predict_poses(reloc.forward_batch, dataset, batch_size, workers, progress, desc=f"{scene} {split}")
+    per_method = {METHOD_MODEL: (pred["pred_t"], pred["pred_q"])}
+
+    if baselines:
+        train_set = build_dataset(dataset_kind, train_root or root, "train", preprocess, augment=False, max_points=0)
+        per_method.update(baseline_predictions(train_set, dataset, progress))
+
+    errors = {name: pose_errors(t, q, pred["true_t"], pred["true_q"]) for name, (t, q) in per_method.items()}
+    result = {
+        "scene": scene,
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "map_frame": reloc.map_frame,
+        "methods": {name: summarize_errors(*err) for name, err in errors.items()},
+        "files": {},
+    }
+    if out_dir is not None:
+        result["files"] = write_scene_outputs(Path(out_dir), result, dataset, pred, per_method, errors, plots)
+    return result
+
+
+def baseline_predictions(train_set, query_set, progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean-pose and nearest-neighbour predictions for every image of ``query_set``."""
+    train_t, train_q = dataset_poses(train_set)
+    mean_pose = MeanPoseBaseline(train_t, train_q)
+    retrieval = NearestNeighbourBaseline(image_descriptors(train_set, progress, "train descriptors"), train_t, train_q)
+    return {
+        METHOD_MEAN: mean_pose.predict(len(query_set)),
+        METHOD_NN: retrieval.predict(image_descriptors(query_set, progress, "query descriptors")),
+    }
+
+
+def write_scene_outputs(out_dir: Path, result: dict, dataset, pred: dict, per_method: dict, errors: dict, plots: bool) -> dict:
+    """Per-frame CSV and PNG plots of one scene; returns the written paths."""
+    from .plots import plot_error_cdfs, plot_trajectory
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scene = result["scene"]
+    files = {"frames": str(write_frames_csv(out_dir / f"{scene}_frames.csv", dataset, pred, errors[METHOD_MODEL]))}
+    if plots:
+        title = f"{scene} ({result['split']}, {len(pred['true_t'])} frames)"
+        files["error_cdf"] = str(plot_error_cdfs(errors, out_dir / f"{scene}_error_cdf.png", title))
+        files["trajectory"] = str(
+            plot_trajectory(pred["true_t"].numpy(), per_method[METHOD_MODEL][0].numpy(), out_dir / f"{scene}_trajectory.png", title)
+        )
+    return files
+
+
+def write_frames_csv(path: Path, dataset, pred: dict, model_errors) -> Path:
+    """One row per frame: image, true and predicted pose (w,x,y,z), errors."""
+    base, indices = _unwrap_subset(dataset)
+    names = [str(_record_field(base.samples[i], "image_path")) if _has_field(base.samples[i], "image_path") else str(i) for i in indices]
+    axes = ("x", "y", "z")
+    quat = ("qw", "qx", "qy", "qz")
+    header = ["index", "image", *(f"true_{a}" for a in axes + quat), *(f"pred_{a}" for a in axes + quat), "position_error_m", "rotation_error_deg"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for k in range(len(pred["true_t"])):
+            i = int(pred["index"][k])
+            writer.writerow(
+                [i, names[k] if k < len(names) else i]
+                + [f"{v:.6f}" for v in pred["true_t"][k].tolist() + pred["true_q"][k].tolist()]
+                + [f"{v:.6f}" for v in pred["pred_t"][k].tolist() + pred["pred_q"][k].tolist()]
+                + [f"{model_errors[0][k]:.6f}", f"{model_errors[1][k]:.6f}"]
+            )
+    return path
+
+
+def _has_field(record, name: str) -> bool:
+    return name in record if isinstance(record, dict) else hasattr(record, name)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+TABLE_COLUMNS = (
+    ("median_position_m", "med pos (m)", "{:.3f}"),
+    ("median_rotation_deg", "med rot (°)", "{:.2f}"),
+    ("mean_position_m", "mean pos (m)", "{:.3f}"),
+    ("mean_rotation_deg", "mean rot (°)", "{:.2f}"),
+) + tuple((threshold_key(m, d), f"≤{m:g}m,{d:g}°", "{:.1%}") for m, d in THRESHOLDS)
+
+
+def result_rows(results: list[dict]) -> list[dict]:
+    """Flatten scene results into one row per (scene, method)."""
+    return [
+        {"scene": r["scene"], "split": r["split"], "method": method, **summary}
+        for r in results
+        for method, summary in r["methods"].items()
+    ]
+
+
+def format_table(results: list[dict]) -> str:
+    """Fixed-width text table, one row per scene and method."""
+    header = ["scene", "method", "frames"] + [title for _, title, _ in TABLE_COLUMNS]
+    lines = [
+        [row["scene"], row["method"], str(row["frames"])] + [fmt.format(row[key]) for key, _, fmt in TABLE_COLUMNS]
+        for row in result_rows(results)
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    render = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([render(header), "  ".join("-" * w for w in widths)] + [render(line) for line in lines])
+
+
+def write_results(results: list[dict], out_dir: str | Path) -> dict[str, Path]:
+    """``results.json`` (everything) and ``results.csv`` (one row per scene and method)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    rows = result_rows(results)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["scene"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"json": json_path, "csv": csv_path}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluate",
+        description="Pose errors of PoseNet checkpoints per scene, beside mean-pose and image-retrieval baselines.",
+    )
+    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt (repeat, paired with --root, for several scenes)")
+    p.add_argument("--dataset", required=True, help="dataset kind, as for training (e.g. cambridge, 7scenes, synthetic)")
+    p.add_argument("--root", action="append", required=True, help="scene folder (repeat for several scenes)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--train-root", default=None, help="scene folder holding the training split for the baselines (default: --root)")
+    p.add_argument("--out", default=None, help="folder for results.json, results.csv, per-frame CSVs and plots")
+    p.add_argument("--no-baselines", action="store_true", help="skip the mean-pose and nearest-neighbour baselines")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    checkpoints, roots = args.checkpoint, args.root
+    if len(checkpoints) == 1 and len(roots) > 1:
+        checkpoints = checkpoints * len(roots)
+    if len(checkpoints) != len(roots):
+        print(f"evaluate: give one --checkpoint per --root (got {len(args.checkpoint)} and {len(roots)})", file=sys.stderr)
+        return 2
+    if args.batch_size < 1 or args.workers < 0:
+        print("evaluate: --batch-size must be >= 1 and --workers >= 0", file=sys.stderr)
+        return 2
+    results = []
+    try:
+        for ckpt, root in zip(checkpoints, roots):
+            results.append(
+                evaluate_checkpoint(
+                    ckpt, args.dataset, root, split=args.split, out_dir=args.out, baselines=not args.no_baselines,
+                    train_root=args.train_root, batch_size=args.batch_size, workers=args.workers,
+                    device=args.device, plots=not args.no_plots, progress=sys.stderr.isatty(),
+                )
+            )
+    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.out:
+        paths = write_results(results, args.out)
+        print(f"wrote {paths['json']}, {paths['csv']}" + ("" if args.no_plots else " and plots") + f" in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

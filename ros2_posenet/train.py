@@ -1,0 +1,904 @@
+"""Train PoseNet: the paper's two-stage schedule, checkpoints, resume and multi-GPU.
+
+``train --config config/train_synthetic.yaml [key=value ...] [--stage NAME] [--resume last.pt]``
+
+Kendall & Cipolla (CVPR 2017) recommend training first with the learned
+homoscedastic weighting of position and rotation losses (no β to tune), then
+fine-tuning those weights with the reprojection loss. The default config runs both
+stages one after the other; ``--stage`` runs a single one, starting from the
+previous stage's best checkpoint in the same output folder (or ``--init PATH``).
+
+Everything is in one YAML config (see ``config/``) whose keys can be overridden on
+the command line (``train.epochs=3``, ``stages.learned.lr=1e-4``, ``loss.type=beta``,
+values parsed as YAML). Output folder layout::
+
+    <train.out_dir>/config.yaml        resolved config of the run
+    <train.out_dir>/metrics.jsonl      one JSON record per epoch (losses, ŝx, ŝq, val errors)
+    <train.out_dir>/<stage>/best.pt    best validation checkpoint of the stage
+    <train.out_dir>/<stage>/last.pt    latest checkpoint, with optimiser and RNG state for --resume
+
+Validation: unless ``data.val`` says otherwise, a held-out subset of the *training*
+images — every k-th contiguous block of ``data.val_block`` frames of each training
+sequence (k = 1/``data.val_fraction``) — so the test split stays untouched for the
+final report. Contiguous blocks rather than random frames, because neighbouring
+video frames are near-duplicates and would make validation look better than test.
+The same held-out predictions calibrate the pose covariance stored in checkpoints.
+
+Under ``torchrun --nproc_per_node=N`` the same script trains with
+DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 validates and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .covariance import calibrate
+from .evaluate import METHOD_MEAN, METHOD_MODEL, dataset_poses, model_forward, pose_errors, predict_poses, summarize_errors
+from .baselines import MeanPoseBaseline
+from .inference import resolve_device
+from .losses import build_loss, parameter_groups
+from .model import ModelConfig, PoseNet
+from .preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The training config is invalid; the message names the key."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (diverged, missing initial checkpoint, ...)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+STAGE_DEFAULTS = {"name": None, "loss": None, "epochs": None, "lr": None, "init": "previous"}
+
+DEFAULTS: dict = {
+    "map_frame": "map",
+    "data": {
+        "kind": None,  # as accepted by ros2_posenet.data.build_dataset
+        "root": None,
+        "max_points": 256,  # scene points per image for the reprojection loss
+        "augment": True,  # random crops (and colour jitter) on training images
+        "color_jitter": 0.0,  # brightness/contrast/saturation strength with augment
+        "val": "holdout",  # holdout (blocks of the training sequences) | test | none
+        "val_fraction": 0.1,
+        "val_block": 10,
+    },
+    "model": {"backbone": "googlenet", "hidden_dim": 2048, "dropout": 0.5, "pretrained": True},
+    "preprocess": {"resize": 256, "crop": 224},
+    "optim": {"lr": 1e-4, "weight_decay": 0.0, "batch_size": 32, "eps": 1e-8},
+    # Shortcut for a one-stage run: a loss dict here replaces `stages`.
+    "loss": None,
+    "stages": [
+        {"name": "learned", "loss": {"type": "learned", "sx": 0.0, "sq": -3.0}, "epochs": None, "lr": None, "init": "previous"},
+        {"name": "reprojection", "loss": {"type": "reprojection", "gamma": 1}, "epochs": None, "lr": None, "init": "previous"},
+    ],
+    "train": {
+        "epochs": 100,  # default for stages without their own `epochs`
+        "workers": 2,
+        "seed": 0,
+        "device": "auto",  # auto: CUDA when available
+        "amp": "auto",  # mixed precision: auto (on for CUDA) | true | false; never on CPU
+        "val_every": 1,
+        "out_dir": "runs/posenet",
+        "progress": True,
+        "test_at_end": True,  # report the final checkpoint's errors on the test split
+        "deterministic": False,
+    },
+}
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+# Dicts whose keys are free-form (checked by their consumer, e.g. build_loss).
+FREE_FORM = {"loss"}
+
+
+def _did_you_mean(key: str, options, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, [str(o) for o in options], n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(map(str, options)))})"
+
+
+def _merge(base, update, path: str = ""):
+    """Deep-merge ``update`` into a copy of ``base``; unknown keys raise :class:`ConfigError`."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"config key '{path}' must be a mapping, got {update!r}")
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in merged:
+            raise ConfigError(f"unknown config key '{where}'" + _did_you_mean(str(key), merged, f"{path}." if path else ""))
+        if key == "stages":
+            merged[key] = value  # validated stage by stage later
+        elif isinstance(merged[key], dict) and key not in FREE_FORM and value is not None:
+            merged[key] = _merge(merged[key], value, where)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _find_stage(stages: list, part: str, where: str) -> dict:
+    if part.lstrip("-").isdigit():
+        try:
+            return stages[int(part)]
+        except IndexError:
+            raise ConfigError(f"'{where}': there are only {len(stages)} stages") from None
+    names = [s.get("name") if isinstance(s, dict) else None for s in stages]
+    if part not in names:
+        raise ConfigError(f"'{where}': no stage named '{part}'" + _did_you_mean(part, [n for n in names if n]))
+    return stages[names.index(part)]
+
+
+def apply_override(config: dict, override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place (value parsed as YAML).
+
+    List entries of ``stages`` are addressed by index or by name
+    (``stages.1.epochs=5`` or ``stages.reprojection.epochs=5``).
+    """
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key=value (e.g. train.epochs=3)")
+    key, raw = override.split("=", 1)
+    try:
+        value = parse_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{override}': value is not valid YAML ({err})") from None
+    parts = key.strip().split(".")
+    node, free = config, False
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = _find_stage(node, part, where)
+            continue
+        if part not in node and not free:
+            raise ConfigError(f"unknown config key '{where}'" + _did_you_mean(part, node, where[: -len(part)]))
+        free = free or part in FREE_FORM
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"config key '{where}' is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        raise ConfigError(f"'{key}': name a field of the stage, e.g. {key}.epochs=3")
+    if last not in node and not free:
+        raise ConfigError(f"unknown config key '{key}'" + _did_you_mean(last, node, key[: -len(last)]))
+    node[last] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> dict:
+    """Read a YAML config, merge it onto :data:`DEFAULTS`, apply overrides, validate.
+
+    Returns the resolved config (every key present, stages filled in).
+    """
+    file_config = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            file_config = parse_yaml(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(file_config, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    config = _merge(DEFAULTS, file_config)
+    # Fill stage fields first so overrides like stages.learned.epochs=3 find their key.
+    if isinstance(config["stages"], list):
+        config["stages"] = [{**STAGE_DEFAULTS, **s} if isinstance(s, dict) else s for s in config["stages"]]
+    for override in overrides or []:
+        apply_override(config, override)
+    return validate_config(config)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_config(config: dict) -> dict:
+    """Check every value and fill stage defaults; returns a new resolved config.
+
+    A top-level ``loss`` dict turns the run into a single stage with that loss.
+    """
+    cfg = _merge(DEFAULTS, {k: v for k, v in config.items() if k != "stages"})
+    cfg["stages"] = copy.deepcopy(config.get("stages", DEFAULTS["stages"]))
+
+    data = cfg["data"]
+    _require(isinstance(data["kind"], str) and data["kind"], "data.kind is required (e.g. cambridge, 7scenes, synthetic)")
+    _require(isinstance(data["root"], str) and data["root"], "data.root is required: the scene folder")
+    _require(_is_int(data["max_points"]) and data["max_points"] >= 0, f"data.max_points must be an integer >= 0, got {data['max_points']!r}")
+    _require(isinstance(data["augment"], bool), f"data.augment must be true or false, got {data['augment']!r}")
+    _require(_is_number(data["color_jitter"]) and 0 <= data["color_jitter"] < 1, f"data.color_jitter must be in [0, 1), got {data['color_jitter']!r}")
+    _require(data["val"] in ("holdout", "test", "none"), f"data.val must be holdout, test or none, got {data['val']!r}")
+    _require(_is_number(data["val_fraction"]) and 0 < data["val_fraction"] <= 0.5, f"data.val_fraction must be in (0, 0.5], got {data['val_fraction']!r}")
+    _require(_is_int(data["val_block"]) and data["val_block"] >= 1, f"data.val_block must be an integer >= 1, got {data['val_block']!r}")
+
+    try:
+        ModelConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+    try:
+        PreprocessConfig.from_dict(cfg["preprocess"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"preprocess: {err}") from None
+
+    optim = cfg["optim"]
+    _require(_is_number(optim["lr"]) and optim["lr"] > 0, f"optim.lr must be a positive number, got {optim['lr']!r}")
+    _require(_is_number(optim["weight_decay"]) and optim["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {optim['weight_decay']!r}")
+    _require(_is_int(optim["batch_size"]) and optim["batch_size"] >= 1, f"optim.batch_size must be an integer >= 1, got {optim['batch_size']!r}")
+    _require(_is_number(optim["eps"]) and optim["eps"] > 0, f"optim.eps must be positive, got {optim['eps']!r}")
+
+    train = cfg["train"]
+    _require(_is_int(train["epochs"]) and train["epochs"] >= 1, f"train.epochs must be an integer >= 1, got {train['epochs']!r}")
+    _require(_is_int(train["workers"]) and train["workers"] >= 0, f"train.workers must be an integer >= 0, got {train['workers']!r}")
+    _require(_is_int(train["seed"]), f"train.seed must be an integer, got {train['seed']!r}")
+    _require(isinstance(train["device"], str), f"train.device must be auto, cpu or cuda[:N], got {train['device']!r}")
+    _require(train["device"] in ("auto", "cpu", "cuda") or train["device"].startswith("cuda:"), f"train.device must be auto, cpu or cuda[:N], got {train['device']!r}")
+    _require(train["amp"] in ("auto", True, False), f"train.amp must be auto, true or false, got {train['amp']!r}")
+    _require(_is_int(train["val_every"]) and train["val_every"] >= 1, f"train.val_every must be an integer >= 1, got {train['val_every']!r}")
+    _require(isinstance(train["out_dir"], str) and train["out_dir"], "train.out_dir must be a folder path")
+    for flag in ("progress", "test_at_end", "deterministic"):
+        _require(isinstance(train[flag], bool), f"train.{flag} must be true or false, got {train[flag]!r}")
+    _require(isinstance(cfg["map_frame"], str) and cfg["map_frame"], "map_frame must be a non-empty frame id")
+
+    if cfg["loss"] is not None:
+        _require(isinstance(cfg["loss"], dict), f"loss must be a mapping like {{type: beta, beta: 500}}, got {cfg['loss']!r}")
+        cfg["stages"] = [{"name": str(cfg["loss"].get("type")), "loss": cfg["loss"], "init": "scratch"}]
+        cfg["loss"] = None
+    cfg["stages"] = _validate_stages(cfg["stages"])
+    return cfg
+
+
+def _validate_stages(stages) -> list[dict]:
+    _require(isinstance(stages, list) and stages, "stages must be a non-empty list of {name, loss, epochs, lr, init}")
+    resolved, names = [], set()
+    for i, stage in enumerate(stages):
+        where = f"stages[{i}]"
+        _require(isinstance(stage, dict), f"{where} must be a mapping, got {stage!r}")
+        unknown = set(stage) - set(STAGE_DEFAULTS)
+        _require(not unknown, f"unknown key '{where}.{next(iter(unknown), '')}'" + _did_you_mean(next(iter(unknown), ""), STAGE_DEFAULTS))
+        s = {**STAGE_DEFAULTS, **copy.deepcopy(stage)}
+        _require(isinstance(s["loss"], dict), f"{where}.loss must be a mapping like {{type: learned}}")
+        s["name"] = str(s["name"] or s["loss"].get("type"))
+        _require(s["name"] not in names, f"stage name '{s['name']}' is used twice; give stages distinct names")
+        _require(all(c.isalnum() or c in "-_" for c in s["name"]), f"stage name '{s['name']}' must be letters, digits, - or _ (it names a folder)")
+        names.add(s["name"])
+        try:
+            build_loss(s["loss"])
+        except ValueError as err:
+            raise ConfigError(f"stages.{s['name']}.loss: {err}") from None
+        _require(s["epochs"] is None or (_is_int(s["epochs"]) and s["epochs"] >= 1), f"stages.{s['name']}.epochs must be an integer >= 1 or null")
+        _require(s["lr"] is None or (_is_number(s["lr"]) and s["lr"] > 0), f"stages.{s['name']}.lr must be a positive number or null")
+        _require(isinstance(s["init"], str) and s["init"], f"stages.{s['name']}.init must be previous, scratch or a checkpoint path")
+        resolved.append(s)
+    return resolved
+
+
+def stage_epochs(cfg: dict, stage: dict) -> int:
+    return stage["epochs"] or cfg["train"]["epochs"]
+
+
+def stage_lr(cfg: dict, stage: dict) -> float:
+    return float(stage["lr"] or cfg["optim"]["lr"])
+
+
+# ----------------------------------------------------------------------------- runtime set-up
+
+
+class Dist:
+    """Process-group facts: ``rank``, ``world_size``, ``local_rank``, ``device``; ``main`` is rank 0."""
+
+    def __init__(self, device_pref: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world_size > 1
+        device = resolve_device(device_pref)
+        if self.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        self._owns_group = False
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self._owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
+    """Seed of one epoch: reseeding per epoch makes ``--resume`` replay exactly the same batches."""
+    return seed + 1_000_003 * stage_index + 7919 * epoch
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def amp_settings(amp, device: torch.device) -> tuple[bool, torch.dtype]:
+    """Whether to autocast, and to which dtype: bf16 where supported, else fp16 (with GradScaler)."""
+    if device.type != "cuda" or amp is False:
+        return False, torch.float32
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sequence_ids(dataset) -> list[str]:
+    """Sequence of each frame: the record's ``sequence`` field, else its image's parent folder."""
+    ids = []
+    for record in dataset.samples:
+        get = record.get if isinstance(record, dict) else lambda k, r=record: getattr(r, k, None)
+        seq = get("sequence")
+        if not seq:
+            path = get("image_path") or get("image") or get("path")
+            seq = Path(str(path)).parent.as_posix() if path is not None else ""
+        ids.append(str(seq))
+    return ids
+
+
+def holdout_split(ids: list[str], fraction: float, block: int) -> tuple[list[int], list[int]]:
+    """Split frame indices into ``(train, val)`` by contiguous blocks of each sequence.
+
+    Every sequence is cut into blocks of ``block`` consecutive frames and every k-th
+    block (k = round(1/fraction), the middle one of each group of k) is held out.
+    Should no block qualify (sequences shorter than k blocks), every k-th frame is
+    held out instead so tiny datasets still get a validation set.
+    """
+    k = max(2, round(1 / fraction))
+    position: dict[str, int] = defaultdict(int)
+    val = []
+    for i, seq in enumerate(ids):
+        if (position[seq] // block) % k == k // 2:
+            val.append(i)
+        position[seq] += 1
+    if not val:
+        val = list(range(k // 2, len(ids), k))
+    val_set = set(val)
+    return [i for i in range(len(ids)) if i not in val_set], val
+
+
+class DataBundle:
+    """Training (augmented) and validation datasets plus what the report needs about them."""
+
+    def __init__(self, cfg: dict, needs_points: bool):
+        from .data import build_dataset
+
+        data = cfg["data"]
+        preprocess = PreprocessConfig.from_dict(cfg["preprocess"])
+        max_points = data["max_points"] if needs_points else 0
+        train_full = build_dataset(
+            data["kind"], data["root"], "train", preprocess, augment=data["augment"], max_points=max_points,
+            color_jitter=data["color_jitter"], seed=cfg["train"]["seed"],
+        )
+        if len(train_full) == 0:
+            raise TrainingError(f"the training split of {data['root']} has no images")
+        self.scene = getattr(train_full, "scene_name", Path(data["root"]).name)
+        self.val_description = "none"
+        self.val = None
+        train_idx = list(range(len(train_full)))
+        if data["val"] == "holdout":
+            train_idx, val_idx = holdout_split(sequence_ids(train_full), data["val_fraction"], data["val_block"])
+            plain = build_dataset(data["kind"], data["root"], "train", preprocess, augment=False, max_points=0)
+            self.val = Subset(plain, val_idx)
+            self.val_description = (
+                f"holdout: {len(val_idx)} training frames held out (every {max(2, round(1 / data['val_fraction']))}th "
+                f"block of {data['val_block']} consecutive frames per sequence)"
+            )
+        elif data["val"] == "test":
+            self.val = build_dataset(data["kind"], data["root"], "test", preprocess, augment=False, max_points=0)
+            self.val_description = f"test split ({len(self.val)} frames): validation figures are TEST figures"
+        self.train = Subset(train_full, train_idx)
+        self.train_t, self.train_q = dataset_poses(self.train)
+        self.kind, self.root, self.preprocess = data["kind"], data["root"], preprocess
+
+    def test_set(self):
+        from .data import build_dataset
+
+        return build_dataset(self.kind, self.root, "test", self.preprocess, augment=False, max_points=0)
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def make_loader(dataset, cfg: dict, dist_info: Dist, sampler_epoch: int, seed: int) -> DataLoader:
+    """Shuffled loader for one epoch; DistributedSampler (also with one process) fixes the order by seed+epoch."""
+    from .data import collate_pose_batch
+
+    batch_size = cfg["optim"]["batch_size"]
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(sampler_epoch)
+    per_rank = math.ceil(len(dataset) / dist_info.world_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=cfg["train"]["workers"],
+        collate_fn=collate_pose_batch,
+        pin_memory=dist_info.device.type == "cuda",
+        # A ragged last batch adds noise (and BatchNorm cannot take a batch of 1).
+        drop_last=per_rank > batch_size,
+        generator=torch.Generator().manual_seed(sampler_epoch + seed),
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class TrainStep(nn.Module):
+    """Model + criterion as one module, so DDP also averages the gradients of ŝx, ŝq."""
+
+    def __init__(self, model: PoseNet, criterion: nn.Module, autocast: bool, amp_dtype: torch.dtype, device_type: str):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+        self.autocast, self.amp_dtype, self.device_type = autocast, amp_dtype, device_type
+
+    def forward(self, images: torch.Tensor, batch: dict):
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.autocast):
+            t, q = self.model(images)
+        # Losses in fp32: quaternion residuals and pixel errors need the precision.
+        return self.criterion(t.float(), q.float(), batch)
+
+
+def build_optimizer(model: nn.Module, criterion: nn.Module, cfg: dict, lr: float) -> torch.optim.Optimizer:
+    """Adam, as in the paper; no weight decay on ŝx, ŝq."""
+    return torch.optim.Adam(parameter_groups(model, criterion, cfg["optim"]["weight_decay"]), lr=lr, eps=cfg["optim"]["eps"])
+
+
+def train_one_epoch(step, loader, optimizer, scaler, dist_info: Dist, desc: str, progress: bool) -> dict:
+    """One pass over ``loader``; returns mean losses, last ŝx/ŝq, images and seconds."""
+    step.train()
+    sums: dict[str, float] = defaultdict(float)
+    last: dict[str, float] = {}
+    images_seen, batches, start = 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_info.main), dynamic_ncols=True)
+    for batch in bar:
+        batch = move_batch(batch, dist_info.device)
+        loss, stats = step(batch["image"], batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{desc}: the loss became {loss.item()} at batch {batches}; lower the learning rate (optim.lr or the stage's lr)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        values = {k: float(v) for k, v in stats.items()}
+        for k, v in values.items():
+            sums[k] += v
+        last = values
+        batches += 1
+        images_seen += batch["image"].shape[0]
+        bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k in ("loss", "sx", "sq")}, refresh=False)
+    bar.close()
+    result = {k: v / max(batches, 1) for k, v in sums.items()}
+    for k in ("sx", "sq"):  # learned weights: report where they ended, not their average
+        if k in last:
+            result[k] = last[k]
+    result.update(images=images_seen * dist_info.world_size, seconds=time.perf_counter() - start)
+    return result
+
+
+def validation_score(metrics: dict, reference: dict) -> float:
+    """Lower is better: median position and rotation errors relative to the mean-pose baseline's.
+
+    Dividing by the baseline puts metres and degrees on one scale-free footing.
+    """
+    return metrics["median_position_m"] / max(reference["median_position_m"], 1e-9) + metrics[
+        "median_rotation_deg"
+    ] / max(reference["median_rotation_deg"], 1e-9)
+
+
+@torch.no_grad()
+def validate(model: PoseNet, dataset, cfg: dict, device: torch.device) -> tuple[dict, dict]:
+    """Median/mean errors of the eval-mode model on ``dataset`` and the covariance they calibrate."""
+    was_training = model.training
+    model.eval()
+    pred = predict_poses(model_forward(model, device), dataset, cfg["optim"]["batch_size"], cfg["train"]["workers"])
+    model.train(was_training)
+    metrics = summarize_errors(*pose_errors(pred["pred_t"], pred["pred_q"], pred["true_t"], pred["true_q"]))
+    return metrics, calibrate(pred["pred_t"], pred["pred_q"], pred["true_t"], pred["true_q"])
+
+
+class Trainer:
+    """Runs the stages of one resolved config; see :func:`run_training`."""
+
+    def __init__(self, cfg: dict, dist_info: Dist):
+        self.cfg, self.dist = cfg, dist_info
+        self.out_dir = Path(cfg["train"]["out_dir"])
+        self.progress = cfg["train"]["progress"]
+        self.autocast, self.amp_dtype = amp_settings(cfg["train"]["amp"], dist_info.device)
+        self.model_cfg = ModelConfig.from_dict(cfg["model"])
+        needs_points = any(s["loss"]["type"] == "reprojection" for s in cfg["stages"])
+        self.data = DataBundle(cfg, needs_points)
+        self.reference = None  # mean-pose baseline errors on the validation set
+        if self.data.val is not None:
+            val_t, val_q = dataset_poses(self.data.val)
+            t, q = MeanPoseBaseline(self.data.train_t, self.data.train_q).predict(len(val_t))
+            self.reference = summarize_errors(*pose_errors(t, q, val_t, val_q))
+
+    # -- output
+
+    def say(self, message: str) -> None:
+        if self.dist.main:
+            tqdm.write(message)
+
+    def stage_dir(self, stage: dict) -> Path:
+        return self.out_dir / stage["name"]
+
+    def append_log(self, record: dict) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- model set-up
+
+    def initial_model(self, stage_index: int) -> tuple[PoseNet, dict | None]:
+        """Fresh model (position bias at the training mean) or weights the stage starts from."""
+        stage = self.cfg["stages"][stage_index]
+        source = stage["init"]
+        if source == "previous":
+            if stage_index == 0:
+                source = "scratch"
+            else:
+                source = str(self.stage_dir(self.cfg["stages"][stage_index - 1]) / "best.pt")
+                if not Path(source).is_file():
+                    raise TrainingError(
+                        f"stage '{stage['name']}' starts from the previous stage's best checkpoint {source}, which does "
+                        f"not exist; run stage '{self.cfg['stages'][stage_index - 1]['name']}' first, or set "
+                        f"stages.{stage['name']}.init to a checkpoint path or to scratch"
+                    )
+        torch.manual_seed(self.cfg["train"]["seed"] + stage_index)  # same initial weights on every rank
+        if source == "scratch":
+            model = PoseNet(self.model_cfg)
+            model.set_position_offset(self.data.train_t.mean(0))
+            return model, None
+        payload = load_checkpoint(source)
+        saved = {**payload["model_config"], "pretrained": self.model_cfg.pretrained}
+        if saved != self.model_cfg.to_dict():
+            raise TrainingError(f"stage '{stage['name']}': {source} holds a {payload['model_config']} model, the config asks for {self.cfg['model']}")
+        model = PoseNet(ModelConfig.from_dict({**saved, "pretrained": False}))
+        model.load_state_dict(payload["model_state"])
+        self.say(f"[{stage['name']}] starting from {source}")
+        return model, payload
+
+    def build_stage(self, stage_index: int, resume: dict | None):
+        """Model, criterion, optimiser and scaler of a stage, fresh or restored from ``resume``."""
+        stage = self.cfg["stages"][stage_index]
+        init_payload = None
+        if resume is not None:
+            model = PoseNet(ModelConfig.from_dict({**resume["model_config"], "pretrained": False}))
+            model.load_state_dict(resume["model_state"])
+        else:
+            model, init_payload = self.initial_model(stage_index)
+        criterion = build_loss(stage["loss"])
+        if resume is not None:
+            criterion.load_state_dict(resume["criterion_state"])
+        elif init_payload is not None and init_payload.get("loss_config", {}).get("type") == stage["loss"]["type"]:
+            criterion.load_state_dict(init_payload["criterion_state"])  # carry ŝx, ŝq over
+        model.to(self.dist.device)
+        criterion.to(self.dist.device)
+        optimizer = build_optimizer(model, criterion, self.cfg, stage_lr(self.cfg, stage))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and self.amp_dtype == torch.float16)
+        if resume is not None:
+            optimizer.load_state_dict(resume["resume"]["optimizer"])
+            if resume["resume"].get("scaler"):
+                scaler.load_state_dict(resume["resume"]["scaler"])
+        step = TrainStep(model, criterion, self.autocast, self.amp_dtype, self.dist.device.type)
+        if self.dist.enabled:
+            # DDP broadcasts rank 0's weights at construction, so every rank starts identical.
+            step = nn.parallel.DistributedDataParallel(
+                step, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None
+            )
+        return model, criterion, optimizer, scaler, step
+
+    # -- checkpoints
+
+    def save(self, path: Path, model, criterion, stage_index: int, epoch: int, val: dict | None, covariance: dict | None, resume_state: dict | None):
+        stage = self.cfg["stages"][stage_index]
+        extra = {
+            "scene": self.data.scene,
+            "stage": stage["name"],
+            "stage_index": stage_index,
+            "epoch": epoch,
+            "val_metrics": val,
+            "val_split": self.data.val_description,
+            "covariance_source": f"residuals on the validation set ({self.data.val_description})" if covariance else None,
+        }
+        if resume_state is not None:
+            extra["resume"] = resume_state
+        return save_checkpoint(
+            path, model, self.data.preprocess, criterion=criterion, loss_config=stage["loss"],
+            map_frame=self.cfg["map_frame"], train_config=self.cfg, covariance=covariance, extra=extra,
+        )
+
+    # -- stages
+
+    def run_stage(self, stage_index: int, resume: dict | None = None) -> dict:
+        cfg, stage = self.cfg, self.cfg["stages"][stage_index]
+        epochs = stage_epochs(cfg, stage)
+        model, criterion, optimizer, scaler, step = self.build_stage(stage_index, resume)
+        state = resume["resume"] if resume is not None else {}
+        start_epoch = state.get("epoch", 0)
+        best_score = state.get("best_score", math.inf)
+        best_epoch = state.get("best_epoch")
+        best_val = state.get("best_val")
+        val, covariance = (resume.get("val_metrics"), resume.get("covariance")) if resume is not None else (None, None)
+        if resume is not None:
+            set_rng_state(state["rng"])
+        out = self.stage_dir(stage)
+        if self.dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+        for epoch in range(start_epoch, epochs):
+            seed = epoch_seed(cfg["train"]["seed"], stage_index, epoch)
+            seed_everything(seed + self.dist.rank)
+            loader = make_loader(self.data.train, cfg, self.dist, sampler_epoch=epoch, seed=epoch_seed(cfg["train"]["seed"], stage_index, 0))
+            desc = f"[{stage['name']}] epoch {epoch + 1}/{epochs}"
+            stats = train_one_epoch(step, loader, optimizer, scaler, self.dist, desc, self.progress)
+            validated = self.data.val is not None and ((epoch + 1) % cfg["train"]["val_every"] == 0 or epoch + 1 == epochs)
+            improved = False
+            if self.dist.main:
+                if validated:
+                    val, covariance = validate(model, self.data.val, cfg, self.dist.device)
+                    score = validation_score(val, self.reference)
+                    improved = score < best_score
+                elif self.data.val is None:
+                    improved = True  # nothing to select on: best is the latest
+                    score = None
+                if improved:
+                    best_score, best_epoch, best_val = (score if score is not None else best_score), epoch + 1, val
+                    self.save(out / "best.pt", model, criterion, stage_index, epoch + 1, val, covariance, None)
+                resume_state = {
+                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_state(), "best_score": best_score, "best_epoch": best_epoch, "best_val": best_val,
+                }
+                self.save(out / "last.pt", model, criterion, stage_index, epoch + 1, val, covariance, resume_state)
+                record = {"stage": stage["name"], "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats,
+                          "images_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
+                if validated:
+                    record["val"] = val
+                self.append_log(record)
+                self.say(self.epoch_line(desc, stats, val if validated else None, improved))
+            self.dist.barrier()
+        return {
+            "best": str(out / "best.pt"), "last": str(out / "last.pt"), "best_epoch": best_epoch,
+            "val": best_val, "epochs": epochs,
+        }
+
+    def epoch_line(self, desc: str, stats: dict, val: dict | None, improved: bool) -> str:
+        parts = [desc, f"loss {stats.get('loss', float('nan')):.4g}"]
+        if "loss_position" in stats:
+            parts.append(f"Lx {stats['loss_position']:.3g}  Lq {stats['loss_rotation']:.3g}")
+        if "loss_reprojection" in stats:
+            parts.append(f"reproj {stats['loss_reprojection']:.3g} px")
+        if "sx" in stats:
+            parts.append(f"ŝx {stats['sx']:+.3f}  ŝq {stats['sq']:+.3f}")
+        parts.append(f"{stats['images'] / max(stats['seconds'], 1e-9):.1f} img/s")
+        line = "  ".join(parts)
+        if val is not None:
+            ref = self.reference
+            line += (
+                f"  | val median {val['median_position_m']:.3f} m {val['median_rotation_deg']:.2f}°"
+                f" (mean pose {ref['median_position_m']:.3f} m {ref['median_rotation_deg']:.2f}°)" + ("  *best" if improved else "")
+            )
+        return line
+
+    def test_report(self, checkpoint: str) -> dict | None:
+        """Errors of a checkpoint on the test split, with the mean-pose baseline beside them."""
+        from .checkpoint import model_from_checkpoint
+
+        try:
+            test = self.data.test_set()
+        except (FileNotFoundError, ValueError) as err:
+            self.say(f"no test split to report on ({err})")
+            return None
+        if len(test) == 0:
+            return None
+        model = model_from_checkpoint(load_checkpoint(checkpoint), self.dist.device)
+        pred = predict_poses(model_forward(model, self.dist.device), test, self.cfg["optim"]["batch_size"], self.cfg["train"]["workers"])
+        t, q = MeanPoseBaseline(self.data.train_t, self.data.train_q).predict(len(pred["true_t"]))
+        return {
+            METHOD_MODEL: summarize_errors(*pose_errors(pred["pred_t"], pred["pred_q"], pred["true_t"], pred["true_q"])),
+            METHOD_MEAN: summarize_errors(*pose_errors(t, q, pred["true_t"], pred["true_q"])),
+        }
+
+
+def run_training(config: dict, resume: str | os.PathLike | None = None, only_stage: str | None = None) -> dict:
+    """Train every stage of ``config`` (or only ``only_stage``); continue a run with ``resume``.
+
+    Args:
+        config: a config as returned by :func:`load_config` (it is validated again).
+        resume: a ``last.pt`` checkpoint; training continues exactly where it stopped.
+        only_stage: name of the single stage to run.
+
+    Returns:
+        ``{"out_dir", "checkpoint" (best of the final stage), "stages": {name: {"best", "last",
+        "best_epoch", "val", "epochs"}}, "val_split", "val_mean_pose", "test"}`` — ``test``
+        holds the final checkpoint's test-split errors and the mean-pose baseline's (rank 0
+        with ``train.test_at_end``; else None).
+    """
+    cfg = validate_config(config)
+    names = [s["name"] for s in cfg["stages"]]
+    if only_stage is not None and only_stage not in names:
+        raise ConfigError(f"no stage named '{only_stage}'" + _did_you_mean(only_stage, names))
+    resume_payload = load_checkpoint(resume) if resume is not None else None
+    if resume_payload is not None and "resume" not in resume_payload:
+        raise CheckpointError(f"{resume} has no training state; resume from a stage's last.pt, not best.pt")
+    dist_info = Dist(cfg["train"]["device"])
+    try:
+        if cfg["train"]["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        elif dist_info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed_everything(cfg["train"]["seed"])
+        trainer = Trainer(cfg, dist_info)
+        if dist_info.main:
+            trainer.out_dir.mkdir(parents=True, exist_ok=True)
+            (trainer.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            trainer.say(f"scene {trainer.data.scene}: {len(trainer.data.train)} training images, validation: {trainer.data.val_description}; "
+                        f"device {dist_info.device}" + (f" x{dist_info.world_size} (DDP)" if dist_info.enabled else "")
+                        + (f", autocast {trainer.amp_dtype}" if trainer.autocast else ""))
+        indices = [names.index(only_stage)] if only_stage else list(range(len(names)))
+        start_stage = resume_payload["stage_index"] if resume_payload is not None else indices[0]
+        results = {}
+        for i in indices:
+            stage_dir = trainer.stage_dir(cfg["stages"][i])
+            if i < start_stage:  # finished before the resumed stage
+                results[names[i]] = {"best": str(stage_dir / "best.pt"), "last": str(stage_dir / "last.pt")}
+                continue
+            resumed = resume_payload if resume_payload is not None and i == start_stage else None
+            results[names[i]] = trainer.run_stage(i, resumed)
+        final = results[names[indices[-1]]]["best"]
+        test = trainer.test_report(final) if (dist_info.main and cfg["train"]["test_at_end"]) else None
+        if test is not None:
+            m, b = test[METHOD_MODEL], test[METHOD_MEAN]
+            trainer.say(f"test split: median {m['median_position_m']:.3f} m {m['median_rotation_deg']:.2f}° "
+                        f"(mean-pose baseline {b['median_position_m']:.3f} m {b['median_rotation_deg']:.2f}°) -> {final}")
+        dist_info.barrier()
+        return {
+            "out_dir": str(trainer.out_dir), "checkpoint": final, "stages": results,
+            "val_split": trainer.data.val_description, "val_mean_pose": trainer.reference, "test": test,
+        }
+    finally:
+        dist_info.close()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train",
+        description="Train PoseNet (learned-weighting stage, then reprojection fine-tuning). "
+        "Runs under torchrun for multi-GPU.",
+        epilog="examples:\n  train --config config/train_synthetic.yaml\n"
+        "  train --config config/train_cambridge.yaml data.root=/data/KingsCollege train.epochs=300\n"
+        "  train --config config/train_synthetic.yaml --stage reprojection --init runs/x/learned/best.pt\n"
+        "  train --resume runs/synthetic/learned/last.pt\n"
+        "  torchrun --nproc_per_node=4 -m ros2_posenet.train --config config/train_7scenes.yaml data.root=/data/chess",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML config (see config/)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=3 optim.batch_size=16")
+    p.add_argument("--resume", help="continue from a stage's last.pt (its config is used; overrides still apply)")
+    p.add_argument("--stage", help="run only this stage (by name)")
+    p.add_argument("--init", help="with --stage: checkpoint the stage starts from (default: previous stage's best.pt)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Intermixed: overrides may come before or after options like --stage.
+    args = build_parser().parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.resume:
+            payload = load_checkpoint(args.resume)
+            cfg = validate_config(payload.get("train_config") or {})
+            for override in args.overrides:
+                apply_override(cfg, override)
+            cfg = validate_config(cfg)
+        elif args.config:
+            cfg = load_config(args.config, args.overrides)
+        else:
+            print("train: give --config FILE (see config/) or --resume last.pt", file=sys.stderr)
+            return 2
+        if args.init:
+            if not args.stage:
+                print("train: --init needs --stage NAME", file=sys.stderr)
+                return 2
+            apply_override(cfg, f"stages.{args.stage}.init={args.init}")
+            cfg = validate_config(cfg)
+        if args.print_config:
+            print(yaml.safe_dump(cfg, sort_keys=False), end="")
+            return 0
+        result = run_training(cfg, resume=args.resume, only_stage=args.stage)
+    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+        print(f"train: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train: interrupted; continue with --resume <out_dir>/<stage>/last.pt", file=sys.stderr)
+        return 130
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

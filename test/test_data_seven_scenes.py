@@ -1,0 +1,151 @@
+"""7-Scenes loader: poses, intrinsics, depth points, splits, malformed files."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ros2_posenet.data import DatasetError, SevenScenes, build_dataset, collate_pose_batch, read_nvm
+from ros2_posenet.data.cambridge import image_key
+from ros2_posenet.data.synthetic import SyntheticScene, SyntheticSceneConfig, generate_scene
+from ros2_posenet.geometry import pose_to_matrix, project_points
+from ros2_posenet.preprocess import PreprocessConfig
+
+CONFIG = SyntheticSceneConfig(width=160, height=120, frames_train=16, frames_test=6, num_points=600)
+
+
+@pytest.fixture(scope="module")
+def scene_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sevenscenes") / "scene"
+    generate_scene(root, CONFIG)
+    return root
+
+
+def _project(points, t, q, K):
+    uv, depth = project_points(
+        torch.as_tensor(points, dtype=torch.float64)[None], torch.as_tensor(t)[None],
+        torch.as_tensor(q)[None], torch.as_tensor(K)[None],
+    )
+    return uv[0].numpy(), depth[0].numpy()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_scene_points_project_where_the_renderer_saw_them(scene_dir, split):
+    """Loader pose + intrinsics.txt vs the renderer's observations (stored in the NVM)."""
+    ds = SevenScenes(scene_dir, split, max_points=0)
+    nvm = read_nvm(scene_dir / "reconstruction.nvm")
+    cameras = {image_key(c.name): i for i, c in enumerate(nvm.cameras)}
+    checked = 0
+    for i, record in enumerate(ds.samples):
+        ids, offsets = nvm.observations(cameras[image_key(record.name)])
+        uv, depth = _project(nvm.points[ids], record.position, record.rotation, ds.intrinsics(i))
+        assert np.all(depth > 0)
+        assert np.abs(uv - (offsets + [79.5, 59.5])).max() < 1.0
+        checked += len(ids)
+    assert checked > 100
+
+
+def test_depth_points_lie_on_the_rendered_surfaces(scene_dir):
+    """Points back-projected from the mm depth PNGs: their pixel's rendered depth equals theirs."""
+    scene = SyntheticScene(CONFIG)
+    ds = SevenScenes(scene_dir, "test", max_points=50)
+    for i in range(len(ds)):
+        record = ds.samples[i]
+        points = ds.visible_points(i, np.random.default_rng(i))
+        assert points.shape == (50, 3)
+        K = ds.intrinsics(i)
+        uv, depth = _project(points, record.position, record.rotation, K)
+        np.testing.assert_allclose(uv, np.round(uv), atol=0.02)  # pixel centres
+        _, rendered = scene.render(pose_to_matrix(record.position, record.rotation), K, 160, 120)
+        px = np.round(uv).astype(int)
+        np.testing.assert_allclose(rendered[px[:, 1], px[:, 0]], depth, atol=1e-3)  # mm quantisation
+
+
+def test_split_files_are_honoured(scene_dir, tmp_path):
+    train, test = SevenScenes(scene_dir, "train"), SevenScenes(scene_dir, "test")
+    assert train.sequences == ["seq-01", "seq-02"] and test.sequences == ["seq-03"]
+    assert len(train) == 16 and len(test) == 6
+    assert {r.sequence for r in test.samples} == {"seq-03"}
+    root = _copy_scene(scene_dir, tmp_path)
+    (root / "TrainSplit.txt").write_text("\nSequence2\n\n")
+    only_two = SevenScenes(root, "train")
+    assert only_two.sequences == ["seq-02"] and len(only_two) == 8
+    assert all(r.image_path.parent.name == "seq-02" for r in only_two.samples)
+
+
+def test_kinect_intrinsics_without_intrinsics_file(scene_dir, tmp_path):
+    root = _copy_scene(scene_dir, tmp_path)
+    (root / "intrinsics.txt").unlink()
+    K = SevenScenes(root, "test").intrinsics(0)  # 160x120 images: Kinect's 640x480 values scaled by 1/4
+    np.testing.assert_allclose(K, [[585 / 4, 0, 320.5 / 4 - 0.5], [0, 585 / 4, 240.5 / 4 - 0.5], [0, 0, 1]])
+
+
+def test_items_and_collate(scene_dir):
+    small = PreprocessConfig(resize=112, crop=96)
+    ds = build_dataset("7-scenes", scene_dir, "train", small, augment=True, max_points=30)
+    batch = collate_pose_batch([ds[0], ds[5]])
+    assert batch["image"].shape == (2, 3, 96, 96)
+    assert batch["points"].shape == (2, 30, 3) and bool(batch["points_mask"].all())
+    no_points = build_dataset("7scenes", scene_dir, "test", small, max_points=0)
+    assert no_points[0]["points"].shape == (0, 3)
+
+
+def _copy_scene(scene_dir: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "copy"
+    shutil.copytree(scene_dir, root, ignore=shutil.ignore_patterns("*.nvm", "dataset_*"))
+    return root
+
+
+@pytest.mark.parametrize(
+    "split_text, line, message",
+    [("sequence1\nsequenceX\n", 2, "sequence1"), ("sequence1\nsequence7\n", 2, "not found"), ("\n\n", None, "no sequences")],
+)
+def test_bad_split_files(scene_dir, tmp_path, split_text, line, message):
+    root = _copy_scene(scene_dir, tmp_path)
+    (root / "TrainSplit.txt").write_text(split_text)
+    with pytest.raises(DatasetError, match=message) as err:
+        SevenScenes(root, "train")
+    assert "TrainSplit.txt" in str(err.value) and err.value.line == line
+
+
+def test_missing_split_file_and_folder(scene_dir, tmp_path):
+    root = _copy_scene(scene_dir, tmp_path)
+    (root / "TestSplit.txt").unlink()
+    with pytest.raises(DatasetError, match="TestSplit.txt: split file not found"):
+        SevenScenes(root, "test")
+    with pytest.raises(DatasetError, match="scene folder not found"):
+        SevenScenes(tmp_path / "nowhere", "train")
+
+
+@pytest.mark.parametrize(
+    "pose_text, line, message",
+    [
+        ("1 0 0 0\n0 1 0 0\n0 0 1 0\n", None, "4 rows"),
+        ("1 0 0 0\n0 1 0\n0 0 1 0\n0 0 0 1\n", 2, "4 values"),
+        ("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n0 0 0 1\n", 5, "more than 4 rows"),
+        ("2 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n", None, "rotation"),
+        ("1 0 0 0\n0 1 0 0\n0 0 1 0\n1 0 0 1\n", None, "last row"),
+        ("1 0 0 0\n0 1 0 0\n0 0 1 zero\n0 0 0 1\n", 3, "expected numbers"),
+    ],
+)
+def test_bad_pose_files(scene_dir, tmp_path, pose_text, line, message):
+    root = _copy_scene(scene_dir, tmp_path)
+    pose = root / "seq-03/frame-000002.pose.txt"
+    pose.write_text(pose_text)
+    with pytest.raises(DatasetError, match=message) as err:
+        SevenScenes(root, "test")
+    assert err.value.path == pose and err.value.line == line
+
+
+def test_missing_depth_and_bad_intrinsics(scene_dir, tmp_path):
+    root = _copy_scene(scene_dir, tmp_path)
+    (root / "seq-03/frame-000001.depth.png").unlink()
+    with pytest.raises(DatasetError, match="frame-000001.depth.png"):
+        SevenScenes(root, "test")
+    assert len(SevenScenes(root, "test", max_points=0)) == 6  # depth only needed for points
+    (root / "intrinsics.txt").write_text("# fx fy cx cy width height\n100 100 80 60 160\n")
+    with pytest.raises(DatasetError, match="intrinsics.txt:2: expected 6 values"):
+        SevenScenes(root, "test", max_points=0)
