@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"forward latency, batch 1, {args.size}x{args.size}, on {machine_description()}")
+    print(f"forward latency, batch 1, {args.size}x{args.size}, on {machine_description()}, load average {os.getloadavg()[0]:.2f}")
     print(HEADER)
     results = run(args.backbones, args.variants, args.precisions, args.device, args.size, args.iters)
     if args.json:

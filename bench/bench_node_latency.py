@@ -8,7 +8,7 @@ publishes ``sensor_msgs/Image`` (rgb8, size×size, checkpoint preprocessing
 resize=crop=size so nothing is resized) and subscribes to the node's PoseStamped.
 For each variant (backend):
 
-1. raw: ``Relocalizer.forward_crops`` on the crop of the same image (before and after 2.);
+1. raw: ``Relocalizer.forward_crops`` on the crop of the same image, timed right before each frame of 2.;
 2. latency: one frame at a time, publish -> PoseStamped receipt (no queueing);
 3. sustained: frames at ``--rate`` Hz for ``--duration`` s; poses received per second.
 
@@ -128,16 +128,22 @@ def wait_for_connection(driver: Driver, node, timeout: float = 10.0) -> bool:
     return False
 
 
-def latency_phase(driver: Driver, frames: int, timeout: float) -> tuple[list[float], int]:
-    """One frame in flight at a time: pure publish -> receipt latency."""
+def latency_phase(driver: Driver, frames: int, timeout: float, raw_forward=None) -> tuple[list[float], list[float], int]:
+    """One frame in flight at a time: publish -> receipt latency, each paired with a raw forward.
+
+    The raw forward (``raw_forward``, timed in this thread while the node is idle) runs
+    right before each frame, so both see the same load on a shared machine.
+    """
     driver.reset()
-    lost = 0
+    raw, lost = [], 0
     for _ in range(frames):
+        if raw_forward is not None:
+            raw += latencies_ms(raw_forward, 1)
         key = driver.publish()
         if not driver.arrived.wait(timeout) or key not in driver.latencies:
             lost += 1
         time.sleep(0.005)  # let the node's worker settle back to waiting
-    return list(driver.latencies.values()), lost
+    return raw, list(driver.latencies.values()), lost
 
 
 def sustained_phase(driver: Driver, rate: float, duration: float) -> tuple[float, list[float]]:
@@ -214,9 +220,7 @@ def bench_variant(checkpoint: Path, rgb: np.ndarray, variant: str, precision: st
             result.skipped = "driver and node did not discover each other"
             return result
         latency_phase(driver, 3, args.timeout)  # warm the DDS path
-        raw = latencies_ms(lambda: reloc.forward_crops(crop), args.frames)
-        e2e, result.lost = latency_phase(driver, args.frames, args.timeout)
-        raw += latencies_ms(lambda: reloc.forward_crops(crop), args.frames)
+        raw, e2e, result.lost = latency_phase(driver, args.frames, args.timeout, lambda: reloc.forward_crops(crop))
         result.offered_hz = args.rate
         result.sustained_hz, sustained = sustained_phase(driver, args.rate, args.duration)
         fill(result, raw, e2e, sustained)
@@ -244,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "fp16"], default=["fp32"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--frames", type=int, default=40, help="frames of the latency phase (and raw iterations, twice)")
+    parser.add_argument("--frames", type=int, default=40, help="frames of the latency phase (each paired with a raw forward)")
     parser.add_argument("--rate", type=float, default=30.0, help="camera rate of the sustained phase (Hz)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of the sustained phase")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for one pose")

@@ -248,6 +248,21 @@ class TorchBackend:
         return out[:, :3], out[:, 3:]
 
 
+def session_options():
+    """onnxruntime session options: CPU worker threads sleep instead of spinning between runs.
+
+    On a 2-core robot the spinning threads steal the cores from the ROS executor and
+    the other processes; on the shared 2-core benchmark machine turning spinning off
+    made GoogLeNet's forward faster, not slower (bench/RESULTS.md).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
 class OnnxRuntimeBackend:
     """onnxruntime session over the exported graph (CPU, CUDA or TensorRT provider)."""
 
@@ -258,7 +273,7 @@ class OnnxRuntimeBackend:
         self.device = device
         self.precision = precision
         source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, providers=providers)
+        self.session = ort.InferenceSession(source, session_options(), providers=providers)
         self.providers = self.session.get_providers()
 
     def infer(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

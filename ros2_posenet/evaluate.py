@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     device=args.device, plots=not args.no_plots, progress=sys.stderr.isatty(),
                 )
             )
-    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as err:
+    except (CheckpointError, ValueError, FileNotFoundError) as err:  # DatasetError is a ValueError
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     print(format_table(results))

@@ -149,7 +149,7 @@ class PoseHistory:
         i = bisect.bisect_left(self._stamps, stamp)
         if 0 < i < len(self._stamps):
             s0, s1 = self._stamps[i - 1], self._stamps[i]
-            if min(stamp - s0, s1 - stamp) <= tolerance or s1 - s0 <= 2 * tolerance:
+            if min(stamp - s0, s1 - stamp) <= tolerance:
                 alpha = 0.0 if s1 == s0 else (stamp - s0) / (s1 - s0)
                 return interpolate_pose(self._poses[i - 1], self._poses[i], alpha)
             return None

@@ -38,6 +38,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -53,6 +54,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .covariance import calibrate
+from .data import DatasetError
 from .evaluate import METHOD_MEAN, METHOD_MODEL, dataset_poses, model_forward, pose_errors, predict_poses, summarize_errors
 from .baselines import MeanPoseBaseline
 from .inference import resolve_device
@@ -89,7 +91,19 @@ DEFAULTS: dict = {
     },
     "model": {"backbone": "googlenet", "hidden_dim": 2048, "dropout": 0.5, "pretrained": True},
     "preprocess": {"resize": 256, "crop": 224},
-    "optim": {"lr": 1e-4, "weight_decay": 0.0, "batch_size": 32, "eps": 1e-8},
+    # loss_lr: learning rate of ŝx, ŝq (null: the stage's lr). Adam moves a parameter by
+    # about lr per step, so with short schedules a larger loss_lr lets the weighting adapt.
+    # position_lr_scale: the position layer's lr is multiplied by this ("auto": the RMS
+    # spread of the training positions in metres). Under Adam this equals predicting
+    # positions in units of the scene's size, so a 50 m street and a 3 m office learn
+    # their positions equally fast; 1 is the paper's plain setting.
+    # schedule: constant (the paper) or cosine decay to lr·final_lr_fraction over each stage;
+    # norm losses keep non-vanishing gradients near the optimum, so a decaying step size
+    # lets Adam settle instead of hovering around it.
+    "optim": {
+        "lr": 1e-4, "loss_lr": None, "position_lr_scale": "auto", "weight_decay": 0.0, "batch_size": 32,
+        "eps": 1e-8, "schedule": "cosine", "final_lr_fraction": 0.01,
+    },
     # Shortcut for a one-stage run: a loss dict here replaces `stages`.
     "loss": None,
     "stages": [
@@ -103,6 +117,7 @@ DEFAULTS: dict = {
         "device": "auto",  # auto: CUDA when available
         "amp": "auto",  # mixed precision: auto (on for CUDA) | true | false; never on CPU
         "val_every": 1,
+        "keep_every": 0,  # also keep <stage>/epoch_NNN.pt (resumable) every N epochs; 0: only best and last
         "out_dir": "runs/posenet",
         "progress": True,
         "test_at_end": True,  # report the final checkpoint's errors on the test split
@@ -274,6 +289,10 @@ def validate_config(config: dict) -> dict:
 
     optim = cfg["optim"]
     _require(_is_number(optim["lr"]) and optim["lr"] > 0, f"optim.lr must be a positive number, got {optim['lr']!r}")
+    _require(optim["loss_lr"] is None or (_is_number(optim["loss_lr"]) and optim["loss_lr"] > 0), f"optim.loss_lr must be a positive number or null, got {optim['loss_lr']!r}")
+    _require(optim["position_lr_scale"] == "auto" or (_is_number(optim["position_lr_scale"]) and optim["position_lr_scale"] > 0), f"optim.position_lr_scale must be auto or a positive number, got {optim['position_lr_scale']!r}")
+    _require(optim["schedule"] in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got {optim['schedule']!r}")
+    _require(_is_number(optim["final_lr_fraction"]) and 0 <= optim["final_lr_fraction"] <= 1, f"optim.final_lr_fraction must be in [0, 1], got {optim['final_lr_fraction']!r}")
     _require(_is_number(optim["weight_decay"]) and optim["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {optim['weight_decay']!r}")
     _require(_is_int(optim["batch_size"]) and optim["batch_size"] >= 1, f"optim.batch_size must be an integer >= 1, got {optim['batch_size']!r}")
     _require(_is_number(optim["eps"]) and optim["eps"] > 0, f"optim.eps must be positive, got {optim['eps']!r}")
@@ -286,6 +305,7 @@ def validate_config(config: dict) -> dict:
     _require(train["device"] in ("auto", "cpu", "cuda") or train["device"].startswith("cuda:"), f"train.device must be auto, cpu or cuda[:N], got {train['device']!r}")
     _require(train["amp"] in ("auto", True, False), f"train.amp must be auto, true or false, got {train['amp']!r}")
     _require(_is_int(train["val_every"]) and train["val_every"] >= 1, f"train.val_every must be an integer >= 1, got {train['val_every']!r}")
+    _require(_is_int(train["keep_every"]) and train["keep_every"] >= 0, f"train.keep_every must be an integer >= 0, got {train['keep_every']!r}")
     _require(isinstance(train["out_dir"], str) and train["out_dir"], "train.out_dir must be a folder path")
     for flag in ("progress", "test_at_end", "deterministic"):
         _require(isinstance(train[flag], bool), f"train.{flag} must be true or false, got {train[flag]!r}")
@@ -436,12 +456,22 @@ def holdout_split(ids: list[str], fraction: float, block: int) -> tuple[list[int
     return [i for i in range(len(ids)) if i not in val_set], val
 
 
+def build_dataset(kind: str, root: str, split: str, preprocess: PreprocessConfig, **kwargs):
+    """The data module's ``build_dataset``; an unknown kind or split becomes a :class:`ConfigError`."""
+    from .data import DatasetError, build_dataset as build
+
+    try:
+        return build(kind, root, split, preprocess, **kwargs)
+    except DatasetError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from None
+
+
 class DataBundle:
     """Training (augmented) and validation datasets plus what the report needs about them."""
 
     def __init__(self, cfg: dict, needs_points: bool):
-        from .data import build_dataset
-
         data = cfg["data"]
         preprocess = PreprocessConfig.from_dict(cfg["preprocess"])
         max_points = data["max_points"] if needs_points else 0
@@ -471,8 +501,6 @@ class DataBundle:
         self.kind, self.root, self.preprocess = data["kind"], data["root"], preprocess
 
     def test_set(self):
-        from .data import build_dataset
-
         return build_dataset(self.kind, self.root, "test", self.preprocess, augment=False, max_points=0)
 
 
@@ -519,12 +547,41 @@ class TrainStep(nn.Module):
         return self.criterion(t.float(), q.float(), batch)
 
 
-def build_optimizer(model: nn.Module, criterion: nn.Module, cfg: dict, lr: float) -> torch.optim.Optimizer:
-    """Adam, as in the paper; no weight decay on ŝx, ŝq."""
-    return torch.optim.Adam(parameter_groups(model, criterion, cfg["optim"]["weight_decay"]), lr=lr, eps=cfg["optim"]["eps"])
+def position_lr_scale(cfg: dict, train_t: torch.Tensor) -> float:
+    """``optim.position_lr_scale``, with ``auto`` = RMS distance of training positions from their mean (>= 1)."""
+    value = cfg["optim"]["position_lr_scale"]
+    if value != "auto":
+        return float(value)
+    spread = (train_t.double() - train_t.double().mean(0)).pow(2).sum(-1).mean().sqrt().item()
+    return max(1.0, spread)
 
 
-def train_one_epoch(step, loader, optimizer, scaler, dist_info: Dist, desc: str, progress: bool) -> dict:
+def build_optimizer(model: PoseNet, criterion: nn.Module, cfg: dict, lr: float, position_scale: float = 1.0) -> torch.optim.Optimizer:
+    """Adam, as in the paper; no weight decay on ŝx, ŝq, which may have their own ``optim.loss_lr``.
+
+    Groups: backbone+head, position layer (lr × ``position_scale``), loss parameters.
+    """
+    groups = parameter_groups(model, criterion, cfg["optim"]["weight_decay"])
+    position_params = {id(p) for p in model.fc_position.parameters()}
+    groups[0]["params"] = [p for p in groups[0]["params"] if id(p) not in position_params]
+    groups.insert(1, {"params": list(model.fc_position.parameters()), "weight_decay": cfg["optim"]["weight_decay"], "lr": lr * position_scale})
+    if len(groups) > 2 and cfg["optim"]["loss_lr"] is not None:
+        groups[2]["lr"] = float(cfg["optim"]["loss_lr"])
+    return torch.optim.Adam(groups, lr=lr, eps=cfg["optim"]["eps"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: 1 (constant) or cosine from 1 to ``final_lr_fraction``."""
+    final = float(cfg["optim"]["final_lr_fraction"])
+    if cfg["optim"]["schedule"] == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+    )
+
+
+def train_one_epoch(step, loader, optimizer, scheduler, scaler, dist_info: Dist, desc: str, progress: bool) -> dict:
     """One pass over ``loader``; returns mean losses, last ŝx/ŝq, images and seconds."""
     step.train()
     sums: dict[str, float] = defaultdict(float)
@@ -540,6 +597,7 @@ def train_one_epoch(step, loader, optimizer, scaler, dist_info: Dist, desc: str,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         values = {k: float(v) for k, v in stats.items()}
         for k, v in values.items():
             sums[k] += v
@@ -588,6 +646,7 @@ class Trainer:
         self.model_cfg = ModelConfig.from_dict(cfg["model"])
         needs_points = any(s["loss"]["type"] == "reprojection" for s in cfg["stages"])
         self.data = DataBundle(cfg, needs_points)
+        self.position_scale = position_lr_scale(cfg, self.data.train_t)
         self.reference = None  # mean-pose baseline errors on the validation set
         if self.data.val is not None:
             val_t, val_q = dataset_poses(self.data.val)
@@ -654,12 +713,10 @@ class Trainer:
             criterion.load_state_dict(init_payload["criterion_state"])  # carry ŝx, ŝq over
         model.to(self.dist.device)
         criterion.to(self.dist.device)
-        optimizer = build_optimizer(model, criterion, self.cfg, stage_lr(self.cfg, stage))
+        optimizer = build_optimizer(model, criterion, self.cfg, stage_lr(self.cfg, stage), self.position_scale)
         scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and self.amp_dtype == torch.float16)
-        if resume is not None:
-            optimizer.load_state_dict(resume["resume"]["optimizer"])
-            if resume["resume"].get("scaler"):
-                scaler.load_state_dict(resume["resume"]["scaler"])
+        if resume is not None and resume["resume"].get("scaler"):
+            scaler.load_state_dict(resume["resume"]["scaler"])
         step = TrainStep(model, criterion, self.autocast, self.amp_dtype, self.dist.device.type)
         if self.dist.enabled:
             # DDP broadcasts rank 0's weights at construction, so every rank starts identical.
@@ -694,7 +751,13 @@ class Trainer:
         cfg, stage = self.cfg, self.cfg["stages"][stage_index]
         epochs = stage_epochs(cfg, stage)
         model, criterion, optimizer, scaler, step = self.build_stage(stage_index, resume)
+        steps_per_epoch = len(make_loader(self.data.train, cfg, self.dist, 0, 0))
+        scheduler = build_scheduler(optimizer, cfg, epochs * steps_per_epoch)
         state = resume["resume"] if resume is not None else {}
+        if resume is not None:
+            # After the scheduler exists: its constructor rewrites the learning rates.
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch = state.get("epoch", 0)
         best_score = state.get("best_score", math.inf)
         best_epoch = state.get("best_epoch")
@@ -710,7 +773,7 @@ class Trainer:
             seed_everything(seed + self.dist.rank)
             loader = make_loader(self.data.train, cfg, self.dist, sampler_epoch=epoch, seed=epoch_seed(cfg["train"]["seed"], stage_index, 0))
             desc = f"[{stage['name']}] epoch {epoch + 1}/{epochs}"
-            stats = train_one_epoch(step, loader, optimizer, scaler, self.dist, desc, self.progress)
+            stats = train_one_epoch(step, loader, optimizer, scheduler, scaler, self.dist, desc, self.progress)
             validated = self.data.val is not None and ((epoch + 1) % cfg["train"]["val_every"] == 0 or epoch + 1 == epochs)
             improved = False
             if self.dist.main:
@@ -725,10 +788,14 @@ class Trainer:
                     best_score, best_epoch, best_val = (score if score is not None else best_score), epoch + 1, val
                     self.save(out / "best.pt", model, criterion, stage_index, epoch + 1, val, covariance, None)
                 resume_state = {
-                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "rng": rng_state(), "best_score": best_score, "best_epoch": best_epoch, "best_val": best_val,
                 }
-                self.save(out / "last.pt", model, criterion, stage_index, epoch + 1, val, covariance, resume_state)
+                last = self.save(out / "last.pt", model, criterion, stage_index, epoch + 1, val, covariance, resume_state)
+                keep = cfg["train"]["keep_every"]
+                if keep and (epoch + 1) % keep == 0:
+                    shutil.copyfile(last, out / f"epoch_{epoch + 1:03d}.pt")
                 record = {"stage": stage["name"], "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats,
                           "images_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
                 if validated:
@@ -889,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg, sort_keys=False), end="")
             return 0
         result = run_training(cfg, resume=args.resume, only_stage=args.stage)
-    except (ConfigError, CheckpointError, TrainingError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, TrainingError, DatasetError, FileNotFoundError) as err:
         print(f"train: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -315,12 +315,13 @@ def make_posenet_node(context, namespace: str, **parameters):
     """In-process PoseNetNode in ``namespace`` with parameter overrides.
 
     Defaults: CPU, one inference thread (oversubscribed threads were ~50x slower on
-    the shared test machine; callers restore torch's thread count), relative image topic.
+    the shared test machine; callers restore torch's thread count), relative image
+    topic, and a max_image_age that a republished frame on a loaded machine stays under.
     """
     from rclpy.parameter import Parameter
 
     from ros2_posenet.ros.node import PoseNetNode
 
-    parameters = {"device": "cpu", "cpu_threads": 1, "image_topic": "camera/image_raw", **parameters}
+    parameters = {"device": "cpu", "cpu_threads": 1, "image_topic": "camera/image_raw", "max_image_age": 5.0, **parameters}
     overrides = [Parameter(name, value=value) for name, value in parameters.items()]
     return PoseNetNode(context=context, namespace=namespace, parameter_overrides=overrides)

@@ -4,14 +4,12 @@ import csv
 import cv2
 import numpy as np
 import pytest
-import torch
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from ros2_posenet.checkpoint import save_checkpoint
+from helpers import untrained_checkpoint
 from ros2_posenet.geometry import xyzw_to_wxyz
 from ros2_posenet.inference import Relocalizer
-from ros2_posenet.model import ModelConfig, PoseNet
 from ros2_posenet.preprocess import PreprocessConfig
 from ros2_posenet.tools.relocalize_bag import main
 
@@ -23,11 +21,8 @@ N_FRAMES = 5
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=16))
-    model.set_position_offset(torch.tensor([1.0, -2.0, 0.5]))
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    return save_checkpoint(path, model, PreprocessConfig(resize=72, crop=64), map_frame="scene_map")
+    return untrained_checkpoint(path, [1.0, -2.0, 0.5], PreprocessConfig(resize=72, crop=64))
 
 
 @pytest.fixture(scope="module")

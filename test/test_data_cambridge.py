@@ -13,27 +13,21 @@ import transforms3d.quaternions as t3q
 
 from ros2_posenet.data import CambridgeLandmarks, DatasetError, build_dataset, read_nvm
 from ros2_posenet.data.cambridge import cambridge_to_project_pose, image_key
-from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene, scene_trajectories
-from ros2_posenet.geometry import matrix_to_pose, project_points
+from ros2_posenet.data.synthetic import scene_trajectories
+from ros2_posenet.geometry import matrix_to_pose
 from ros2_posenet.preprocess import PreprocessConfig
 
-CONFIG = SyntheticSceneConfig(width=160, height=120, frames_train=16, frames_test=6, num_points=600)
+from helpers import TINY_SCENE, project_np, tiny_scene
+
+CONFIG = TINY_SCENE
 HEADER = "Visual Landmark Dataset V1\nImageFile, Camera Position [X Y Z W P Q R]\n\n"
 
 
 @pytest.fixture(scope="module")
 def scene_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cambridge") / "scene"
-    generate_scene(root, CONFIG)
-    return root
+    return tiny_scene(tmp_path_factory, "cambridge")
 
 
-def _project(points, t, q, K):
-    uv, depth = project_points(
-        torch.as_tensor(points, dtype=torch.float64)[None], torch.as_tensor(t)[None],
-        torch.as_tensor(q)[None], torch.as_tensor(K)[None],
-    )
-    return uv[0].numpy(), depth[0].numpy()
 
 
 def test_file_convention_world_to_camera_quaternion_and_centre():
@@ -46,7 +40,7 @@ def test_file_convention_world_to_camera_quaternion_and_centre():
     np.testing.assert_allclose(t3q.quat2mat(q), R_cw, atol=1e-12)
     K = np.array([[500.0, 0, 320], [0, 500.0, 240], [0, 0, 1]])
     world = np.array([[4.0, 2.0, 0.5], [4.0, 1.0, 0.5], [4.0, 2.0, 0.0]])  # ahead; towards -y; below
-    uv, depth = _project(world, t, q, K)
+    uv, depth = project_np(world, t, q, K)
     # File definition: X_cam = R_wc (X - C), u = f x/z + cx.
     cam = (world - centre) @ R_cw
     np.testing.assert_allclose(depth, cam[:, 2])
@@ -66,7 +60,7 @@ def test_nvm_points_project_onto_their_measurements(scene_dir, split):
         w, h = ds.image_size(i)
         ids, offsets = nvm.observations(cameras[image_key(record.name)])
         np.testing.assert_array_equal(np.sort(ids), ds.visible_point_ids(i))
-        uv, depth = _project(nvm.points[ids], record.position, record.rotation, K)
+        uv, depth = project_np(nvm.points[ids], record.position, record.rotation, K)
         measured = offsets + [(w - 1) / 2, (h - 1) / 2]
         assert np.all(depth > 0)
         assert np.abs(uv - measured).max() < 1.0
@@ -99,7 +93,7 @@ def test_focal_is_scaled_when_images_are_smaller_than_the_reconstruction(scene_d
     assert K[0, 0] == pytest.approx(K_full[0, 0] / 2) and K[0, 2] == pytest.approx(39.5)
     nvm = ds.reconstruction
     ids, offsets = nvm.observations(0)
-    uv, _ = _project(nvm.points[ids], ds.samples[0].position, ds.samples[0].rotation, K)
+    uv, _ = project_np(nvm.points[ids], ds.samples[0].position, ds.samples[0].rotation, K)
     full_px = offsets + [79.5, 59.5]
     assert np.abs(uv - ((full_px + 0.5) / 2 - 0.5)).max() < 0.5
     # An explicit reconstruction width overrides the file.

@@ -6,30 +6,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ros2_posenet.data import DatasetError, SevenScenes, build_dataset, collate_pose_batch, read_nvm
 from ros2_posenet.data.cambridge import image_key
-from ros2_posenet.data.synthetic import SyntheticScene, SyntheticSceneConfig, generate_scene
-from ros2_posenet.geometry import pose_to_matrix, project_points
+from ros2_posenet.data.synthetic import SyntheticScene
+from ros2_posenet.geometry import pose_to_matrix
 from ros2_posenet.preprocess import PreprocessConfig
 
-CONFIG = SyntheticSceneConfig(width=160, height=120, frames_train=16, frames_test=6, num_points=600)
+from helpers import TINY_SCENE, project_np, tiny_scene
+
+CONFIG = TINY_SCENE
 
 
 @pytest.fixture(scope="module")
 def scene_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sevenscenes") / "scene"
-    generate_scene(root, CONFIG)
-    return root
+    return tiny_scene(tmp_path_factory, "sevenscenes")
 
 
-def _project(points, t, q, K):
-    uv, depth = project_points(
-        torch.as_tensor(points, dtype=torch.float64)[None], torch.as_tensor(t)[None],
-        torch.as_tensor(q)[None], torch.as_tensor(K)[None],
-    )
-    return uv[0].numpy(), depth[0].numpy()
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -41,7 +34,7 @@ def test_scene_points_project_where_the_renderer_saw_them(scene_dir, split):
     checked = 0
     for i, record in enumerate(ds.samples):
         ids, offsets = nvm.observations(cameras[image_key(record.name)])
-        uv, depth = _project(nvm.points[ids], record.position, record.rotation, ds.intrinsics(i))
+        uv, depth = project_np(nvm.points[ids], record.position, record.rotation, ds.intrinsics(i))
         assert np.all(depth > 0)
         assert np.abs(uv - (offsets + [79.5, 59.5])).max() < 1.0
         checked += len(ids)
@@ -57,7 +50,7 @@ def test_depth_points_lie_on_the_rendered_surfaces(scene_dir):
         points = ds.visible_points(i, np.random.default_rng(i))
         assert points.shape == (50, 3)
         K = ds.intrinsics(i)
-        uv, depth = _project(points, record.position, record.rotation, K)
+        uv, depth = project_np(points, record.position, record.rotation, K)
         np.testing.assert_allclose(uv, np.round(uv), atol=0.02)  # pixel centres
         _, rendered = scene.render(pose_to_matrix(record.position, record.rotation), K, 160, 120)
         px = np.round(uv).astype(int)

@@ -7,10 +7,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from helpers import untrained_checkpoint
 from ros2_posenet.backends import build_inference_module
-from ros2_posenet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from ros2_posenet.checkpoint import load_checkpoint, model_from_checkpoint
 from ros2_posenet.inference import Relocalizer
-from ros2_posenet.model import ModelConfig, PoseNet
 from ros2_posenet.preprocess import PreprocessConfig
 from ros2_posenet.tools.export import main
 
@@ -20,11 +20,8 @@ COV = {"position_var": [0.04, 0.09, 0.01], "rotation_var": [1e-3, 2e-3, 3e-3], "
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=16))
-    model.set_position_offset(torch.tensor([3.0, -1.0, 0.25]))
     path = tmp_path_factory.mktemp("ckpt") / "posenet.pt"
-    return save_checkpoint(path, model, PRE, map_frame="scene_map", covariance=COV)
+    return untrained_checkpoint(path, [3.0, -1.0, 0.25], PRE, covariance=COV)
 
 
 @pytest.fixture(scope="module")

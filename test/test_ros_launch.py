@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ros_fixtures
@@ -194,11 +193,14 @@ def test_node_process_serves_with_the_params_file_and_stops_cleanly(tmp_path):
     rclpy.init(context=context)
     probe = Probe(context, "launch_test")
     try:
-        # Stamp the image only once the node is up, or it would be older than max_image_age.
         assert ros_fixtures.wait_for(lambda: probe.image_pub.get_subscription_count() > 0 or process.poll() is not None, 60.0)
-        stamp = rclpy.clock.Clock().now().to_msg()
-        answered = probe.send(image_msg(np.full((72, 96, 3), 40, np.uint8), stamp), timeout=20.0)
-        if not answered:
+        # Fresh stamps on every try: right after discovery a best-effort frame can be lost, and
+        # resending the same stamp later would (rightly) be dropped as older than max_image_age.
+        for _ in range(20):
+            stamp = rclpy.clock.Clock().now().to_msg()
+            if probe.send(image_msg(np.full((72, 96, 3), 40, np.uint8), stamp), timeout=0.5, republish=0.5):
+                break
+        else:
             process.kill()
             pytest.fail("node process never answered:\n" + process.communicate()[0])
         pose = probe.poses[stamp_key(stamp)]

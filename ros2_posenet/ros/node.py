@@ -23,6 +23,7 @@ Run ``posenet_node --help`` for the parameters.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 import threading
@@ -83,6 +84,10 @@ def _is_frame_id(value: str) -> str | None:
     if value.startswith("/"):
         return "tf2 frame ids must not start with '/'"
     return None
+
+
+def _optional_frame_id(value: str) -> str | None:
+    return _is_frame_id(value) if value else None
 
 
 def _non_empty(value: str) -> str | None:
@@ -146,7 +151,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("compressed", False, "Subscribe to sensor_msgs/CompressedImage (jpeg/png) instead of sensor_msgs/Image."),
     ParamSpec("image_qos", "sensor_data", "Image subscription QoS: sensor_data (best effort) or reliable.", _one_of(IMAGE_QOS)),
     ParamSpec("image_qos_depth", 1, "Image subscription queue depth; 1 keeps only the newest frame.", _number(1)),
-    ParamSpec("map_frame", "", "Map frame id of the outputs; empty: the map frame recorded in the checkpoint.", lambda v: None if not v.startswith("/") else "tf2 frame ids must not start with '/'", read_only=False),
+    ParamSpec("map_frame", "", "Map frame id of the outputs; empty: the map frame recorded in the checkpoint.", _optional_frame_id, read_only=False),
     ParamSpec("odom_frame", "odom", "Odometry frame (REP-105), parent of base_frame in tf_mode map_to_odom.", _is_frame_id, read_only=False),
     ParamSpec("base_frame", "base_link", "Robot base frame whose pose is published.", _is_frame_id, read_only=False),
     ParamSpec("camera_frame", "camera_link", "Camera body frame (REP-103: x forward, z up; not the optical frame).", _is_frame_id, read_only=False),
@@ -347,8 +352,8 @@ class PoseNetNode(Node):
 
     def _check_environment(self, s: Settings) -> None:
         if s.tf_mode != "none" and tf2_ros is None:
-            try:
-                import tf2_msgs.msg  # noqa: F401  (needed to publish /tf without tf2_ros)
+            try:  # needed to publish /tf without tf2_ros
+                importlib.import_module("tf2_msgs.msg")
             except ImportError:
                 raise ConfigurationError(
                     f"tf_mode '{s.tf_mode}' needs tf2_ros or tf2_msgs, and neither is importable: install ROS 2's "

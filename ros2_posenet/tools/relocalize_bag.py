@@ -81,7 +81,7 @@ class PoseRecord:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="relocalize-bag", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="relocalize-bag", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("input", help="input rosbag2 (directory, or a .mcap/.db3 file)")
     parser.add_argument("--topic", required=True, help="Image or CompressedImage topic")
     parser.add_argument("--checkpoint", required=True, help="ros2_posenet checkpoint (.pt)")
@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", help="also write the trajectory as CSV")
     parser.add_argument("--tum", help="also write the trajectory in TUM format")
     parser.add_argument("--storage", choices=sorted(STORAGES), help="output storage (default: the input's)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: torch on CUDA, onnxruntime on CPU")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16 on CUDA only")
     parser.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per network call")
