@@ -668,7 +668,7 @@ class Trainer:
 
     # -- model set-up
 
-    def initial_model(self, stage_index: int) -> tuple[PoseNet, dict | None]:
+    def initial_model(self, stage_index: int) -> tuple[PoseNet, dict | None, str | None]:
         """Fresh model (position bias at the training mean) or weights the stage starts from."""
         stage = self.cfg["stages"][stage_index]
         source = stage["init"]
@@ -687,7 +687,7 @@ class Trainer:
         if source == "scratch":
             model = PoseNet(self.model_cfg)
             model.set_position_offset(self.data.train_t.mean(0))
-            return model, None
+            return model, None, None
         payload = load_checkpoint(source)
         saved = {**payload["model_config"], "pretrained": self.model_cfg.pretrained}
         if saved != self.model_cfg.to_dict():
@@ -695,17 +695,17 @@ class Trainer:
         model = PoseNet(ModelConfig.from_dict({**saved, "pretrained": False}))
         model.load_state_dict(payload["model_state"])
         self.say(f"[{stage['name']}] starting from {source}")
-        return model, payload
+        return model, payload, source
 
     def build_stage(self, stage_index: int, resume: dict | None):
-        """Model, criterion, optimiser and scaler of a stage, fresh or restored from ``resume``."""
+        """Model, criterion, optimiser, scaler, train step and the checkpoint the stage started from (or None)."""
         stage = self.cfg["stages"][stage_index]
-        init_payload = None
+        init_payload, source = None, None
         if resume is not None:
             model = PoseNet(ModelConfig.from_dict({**resume["model_config"], "pretrained": False}))
             model.load_state_dict(resume["model_state"])
         else:
-            model, init_payload = self.initial_model(stage_index)
+            model, init_payload, source = self.initial_model(stage_index)
         criterion = build_loss(stage["loss"])
         if resume is not None:
             criterion.load_state_dict(resume["criterion_state"])
@@ -723,7 +723,7 @@ class Trainer:
             step = nn.parallel.DistributedDataParallel(
                 step, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None
             )
-        return model, criterion, optimizer, scaler, step
+        return model, criterion, optimizer, scaler, step, source
 
     # -- checkpoints
 
@@ -750,7 +750,7 @@ class Trainer:
     def run_stage(self, stage_index: int, resume: dict | None = None) -> dict:
         cfg, stage = self.cfg, self.cfg["stages"][stage_index]
         epochs = stage_epochs(cfg, stage)
-        model, criterion, optimizer, scaler, step = self.build_stage(stage_index, resume)
+        model, criterion, optimizer, scaler, step, source = self.build_stage(stage_index, resume)
         steps_per_epoch = len(make_loader(self.data.train, cfg, self.dist, 0, 0))
         scheduler = build_scheduler(optimizer, cfg, epochs * steps_per_epoch)
         state = resume["resume"] if resume is not None else {}
@@ -768,6 +768,14 @@ class Trainer:
         out = self.stage_dir(stage)
         if self.dist.main:
             out.mkdir(parents=True, exist_ok=True)
+            if source is not None and self.data.val is not None:
+                # Fine-tuning must earn its place: the starting weights are the first "best".
+                val, covariance = validate(model, self.data.val, cfg, self.dist.device)
+                best_score, best_epoch, best_val = validation_score(val, self.reference), 0, val
+                self.save(out / "best.pt", model, criterion, stage_index, 0, val, covariance, None)
+                self.append_log({"stage": stage["name"], "epoch": 0, "init": source, "val": val})
+                self.say(f"[{stage['name']}] before fine-tuning: val median {val['median_position_m']:.3f} m "
+                         f"{val['median_rotation_deg']:.2f}°")
         for epoch in range(start_epoch, epochs):
             seed = epoch_seed(cfg["train"]["seed"], stage_index, epoch)
             seed_everything(seed + self.dist.rank)

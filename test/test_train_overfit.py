@@ -73,9 +73,11 @@ def test_two_stage_schedule_fine_tunes_with_reprojection(tiny_scene, tmp_path):
     assert set(result["stages"]) == {"learned", "reprojection"}
     assert result["checkpoint"] == str(tmp_path / "reprojection" / "best.pt")
     log = read_log(tmp_path)
-    assert [r["stage"] for r in log] == ["learned"] * 2 + ["reprojection"] * 3
-    reproj = [r["loss_reprojection"] for r in log if r["stage"] == "reprojection"]
-    assert all(r["points"] > 0 for r in log if r["stage"] == "reprojection")
+    # Epoch 0 of the fine-tuning stage: validation of the weights it starts from.
+    assert [(r["stage"], r["epoch"]) for r in log] == [("learned", 1), ("learned", 2)] + [("reprojection", e) for e in range(4)]
+    assert log[2]["init"] == str(tmp_path / "learned" / "best.pt")
+    reproj = [r["loss_reprojection"] for r in log[3:]]
+    assert all(r["points"] > 0 for r in log[3:])
     assert reproj[-1] < reproj[0]
     assert all("val" in r for r in log)  # val_every=1
 
@@ -85,6 +87,9 @@ def test_two_stage_schedule_fine_tunes_with_reprojection(tiny_scene, tmp_path):
 
     ckpt = load_checkpoint(result["checkpoint"])
     assert ckpt["map_frame"] == "room"
+    # best.pt is either an improvement found by fine-tuning or the starting weights (epoch 0).
+    best_log = next(r for r in log[2:] if r["epoch"] == ckpt["epoch"])
+    assert best_log["val"] == ckpt["val_metrics"]
     assert ckpt["stage"] == "reprojection" and ckpt["loss_config"] == {"type": "reprojection", "gamma": 1}
     assert ckpt["model_config"]["backbone"] == "resnet18"
     assert ckpt["preprocess"]["crop"] == 48

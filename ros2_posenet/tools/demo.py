@@ -26,20 +26,20 @@ def say(message: str) -> None:
     print(f"[demo {datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def make_scene(scene_dir: Path, frames_train: int, frames_test: int, seed: int) -> dict:
+def make_scene(scene_dir: Path, frames_train: int, frames_test: int, train_sequences: int, seed: int) -> dict:
     """Generate the synthetic scene once; reuse it when the same one is already there."""
     import yaml
 
     from ..data.synthetic import SyntheticSceneConfig, generate_scene
 
-    config = SyntheticSceneConfig(seed=seed, frames_train=frames_train, frames_test=frames_test)
+    config = SyntheticSceneConfig(seed=seed, frames_train=frames_train, frames_test=frames_test, train_sequences=train_sequences)
     summary_file = scene_dir / "scene.yaml"
     if summary_file.is_file():
         summary = yaml.safe_load(summary_file.read_text())
         if summary.get("config") == config.to_dict():
             say(f"reusing the synthetic scene in {scene_dir}")
             return summary
-    say(f"step 1/4: rendering the synthetic scene ({frames_train} training + {frames_test} test frames) -> {scene_dir}")
+    say(f"step 1/4: rendering the synthetic scene ({frames_train} training frames in {train_sequences} sequences + {frames_test} test frames) -> {scene_dir}")
     return generate_scene(scene_dir, config, overwrite=True, progress=True)
 
 
@@ -169,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (default runs/demo-<time>)")
     p.add_argument("--scene", type=Path, default=REPO / "runs" / "scene-synthetic", help="synthetic scene folder (reused if present)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config")
-    p.add_argument("--frames-train", type=int, default=400)
-    p.add_argument("--frames-test", type=int, default=100)
+    # Positions only generalise to a new trajectory with a few thousand views of the room
+    # (config/train_synthetic.yaml); a few hundred suffice for rotation alone.
+    p.add_argument("--frames-train", type=int, default=2000)
+    p.add_argument("--train-sequences", type=int, default=6)
+    p.add_argument("--frames-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rate", type=float, default=0.0, help="replay rate in Hz (0: send each image once the previous is answered)")
     p.add_argument("overrides", nargs="*", help="training config overrides, e.g. stages.learned.epochs=4")
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     seconds, start = {}, time.perf_counter()
     try:
-        scene = make_scene(args.scene, args.frames_train, args.frames_test, args.seed)
+        scene = make_scene(args.scene, args.frames_train, args.frames_test, args.train_sequences, args.seed)
         seconds["scene"] = time.perf_counter() - start
         training = train(args.config, args.scene, run_dir / "train", args.overrides)
         seconds["training"] = time.perf_counter() - start - sum(seconds.values())
