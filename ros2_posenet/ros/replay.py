@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import rclpy
 from geometry_msgs.msg import PoseStamped
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
@@ -117,7 +117,9 @@ def replay_images(
     the node is free to drop frames it cannot keep up with.
     """
     replayer = ImageReplayer(image_topic, pose_topic)
-    executor = MultiThreadedExecutor(num_threads=4)
+    # One executor thread: callbacks here are tiny, and more Python threads only fight the
+    # node's inference worker for the GIL and the two cores.
+    executor = SingleThreadedExecutor()
     for node in [*nodes, replayer]:
         executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
