@@ -5,17 +5,16 @@ import pytest
 import torch
 
 from ros2_posenet.checkpoint import load_checkpoint
-from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene
+from helpers import tiny_scene as make_scene
+from ros2_posenet.data.synthetic import SyntheticSceneConfig
 from ros2_posenet.train import load_config, run_training
 
 
 @pytest.fixture(scope="module")
 def tiny_scene(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scene")
-    generate_scene(root, SyntheticSceneConfig(
+    return make_scene(tmp_path_factory, "scene", SyntheticSceneConfig(
         width=64, height=48, frames_train=8, frames_test=4, train_sequences=1, test_sequences=1, num_points=400,
-    ))
-    return root
+    )))
 
 
 def tiny_config(root, out_dir, *overrides):

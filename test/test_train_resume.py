@@ -6,7 +6,8 @@ import torch
 
 from ros2_posenet.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
 from ros2_posenet.data import build_dataset
-from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene
+from helpers import tiny_scene as make_scene
+from ros2_posenet.data.synthetic import SyntheticSceneConfig
 from ros2_posenet.evaluate import model_forward, pose_errors, predict_poses, summarize_errors
 from ros2_posenet.inference import Relocalizer
 from ros2_posenet.train import holdout_split, load_config, main, run_training, sequence_ids
@@ -14,11 +15,9 @@ from ros2_posenet.train import holdout_split, load_config, main, run_training, s
 
 @pytest.fixture(scope="module")
 def tiny_scene(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scene")
-    generate_scene(root, SyntheticSceneConfig(
+    return make_scene(tmp_path_factory, "scene", SyntheticSceneConfig(
         width=64, height=48, frames_train=12, frames_test=4, train_sequences=2, test_sequences=1, num_points=300,
-    ))
-    return root
+    )))
 
 
 def config(root, out_dir, *overrides):
