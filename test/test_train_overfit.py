@@ -14,7 +14,7 @@ from ros2_posenet.train import load_config, run_training
 def tiny_scene(tmp_path_factory):
     return make_scene(tmp_path_factory, "scene", SyntheticSceneConfig(
         width=64, height=48, frames_train=8, frames_test=4, train_sequences=1, test_sequences=1, num_points=400,
-    )))
+    ))
 
 
 def tiny_config(root, out_dir, *overrides):

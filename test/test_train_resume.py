@@ -17,7 +17,7 @@ from ros2_posenet.train import holdout_split, load_config, main, run_training, s
 def tiny_scene(tmp_path_factory):
     return make_scene(tmp_path_factory, "scene", SyntheticSceneConfig(
         width=64, height=48, frames_train=12, frames_test=4, train_sequences=2, test_sequences=1, num_points=300,
-    )))
+    ))
 
 
 def config(root, out_dir, *overrides):

@@ -53,11 +53,12 @@ def train(config_path: Path, scene_dir: Path, out_dir: Path, overrides: list[str
 
 
 def evaluate(checkpoint: str, kind: str, scene_dir: Path, out_dir: Path) -> dict:
-    from ..evaluate import evaluate_checkpoint, format_table
+    from ..evaluate import evaluate_checkpoint, format_table, write_results
 
     say("step 3/4: evaluating on the held-out test sequence, with mean-pose and retrieval baselines")
     result = evaluate_checkpoint(checkpoint, kind, scene_dir, "test", out_dir=out_dir, progress=True)
     print(format_table([result]), flush=True)
+    write_results([result], out_dir)  # results.json / results.csv beside the plots
     return result
 
 
@@ -138,10 +139,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 def write_report(run_dir: Path, scene: dict, training: dict, evaluation: dict, node: dict, seconds: dict) -> Path:
     methods = evaluation["methods"]
+    frames = scene.get("frames", {})
     lines = [
         "# ros2_posenet demo run", "",
         f"Run folder `{run_dir}`, {datetime.now():%Y-%m-%d %H:%M}. Scene: synthetic room, "
-        f"{scene.get('frames', {})} frames at {scene.get('width')}×{scene.get('height')}. "
+        f"{frames.get('train')} training + {frames.get('test')} test frames at {scene.get('width')}×{scene.get('height')}. "
         f"Checkpoint `{training['checkpoint']}` (validation: {training.get('val_split')}).", "",
         "## Offline evaluation (test sequence, never seen in training)", "",
         "| method | median position (m) | median rotation (°) | within 0.25 m, 2° |", "| --- | --- | --- | --- |",
@@ -157,7 +159,7 @@ def write_report(run_dir: Path, scene: dict, training: dict, evaluation: dict, n
         f"{node['rate_hz']:.1f} answers/s",
         "", "## Time", "",
         *[f"- {k}: {v:.0f} s" for k, v in seconds.items()],
-        "", "![error CDF](eval/error_cdf.png)", "", "![trajectory](eval/trajectory.png)", "",
+        "", *[f"![{png.stem}]({png.relative_to(run_dir)})\n" for png in sorted((run_dir / "eval").glob("*.png"))],
     ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
