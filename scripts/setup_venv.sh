@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 stamp="$VENV/.ros2_posenet-installed"
-want=$(cat requirements.txt requirements-build-msgs.txt scripts/build_tf2_msgs.sh setup.py | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-ros.txt requirements-build-msgs.txt scripts/build_tf2_msgs.sh setup.py | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
@@ -16,7 +16,7 @@ echo "[setup] creating $VENV with $($PYTHON --version) (torch + ROS 2 wheels, ~2
 # This machine's pip config lists local indexes that print one warning per package; hide those only.
 pip_install() { "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 pip_install --upgrade pip
-pip_install -r requirements.txt
+pip_install -r requirements.txt -r requirements-ros.txt
 bash scripts/build_tf2_msgs.sh "$VENV"
 pip_install --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"

@@ -1,0 +1,299 @@
+"""Training configuration: YAML files with ``key=value`` command-line overrides, validated.
+
+Split from :mod:`ros2_posenet.train` so the schema and its error messages can be read
+(and tested) on their own. See ``config/train_*.yaml`` for commented examples.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from .losses import build_loss
+from .model import ModelConfig
+from .preprocess import PreprocessConfig
+
+class ConfigError(ValueError):
+    """The training config is invalid; the message names the key."""
+
+
+
+STAGE_DEFAULTS = {"name": None, "loss": None, "epochs": None, "lr": None, "init": "previous"}
+
+DEFAULTS: dict = {
+    "map_frame": "map",
+    "data": {
+        "kind": None,  # as accepted by ros2_posenet.data.build_dataset
+        "root": None,
+        "max_points": 256,  # scene points per image for the reprojection loss
+        "augment": True,  # random crops (and colour jitter) on training images
+        "color_jitter": 0.0,  # brightness/contrast/saturation strength with augment
+        "val": "holdout",  # holdout (blocks of the training sequences) | test | none
+        "val_fraction": 0.1,
+        "val_block": 10,
+    },
+    "model": {"backbone": "googlenet", "hidden_dim": 2048, "dropout": 0.5, "pretrained": True},
+    "preprocess": {"resize": 256, "crop": 224},
+    # loss_lr: learning rate of ŝx, ŝq (null: the stage's lr). Adam moves a parameter by
+    # about lr per step, so with short schedules a larger loss_lr lets the weighting adapt.
+    # position_lr_scale: the position layer's lr is multiplied by this ("auto": the RMS
+    # spread of the training positions in metres). Under Adam this equals predicting
+    # positions in units of the scene's size, so a 50 m street and a 3 m office learn
+    # their positions equally fast; 1 is the paper's plain setting.
+    # schedule: constant (the paper) or cosine decay to lr·final_lr_fraction over each stage;
+    # norm losses keep non-vanishing gradients near the optimum, so a decaying step size
+    # lets Adam settle instead of hovering around it.
+    "optim": {
+        "lr": 1e-4, "loss_lr": None, "position_lr_scale": "auto", "weight_decay": 0.0, "batch_size": 32,
+        "eps": 1e-8, "schedule": "cosine", "final_lr_fraction": 0.01,
+    },
+    # Shortcut for a one-stage run: a loss dict here replaces `stages`.
+    "loss": None,
+    "stages": [
+        {"name": "learned", "loss": {"type": "learned", "sx": 0.0, "sq": -3.0}, "epochs": None, "lr": None, "init": "previous"},
+        {"name": "reprojection", "loss": {"type": "reprojection", "gamma": 1}, "epochs": None, "lr": None, "init": "previous"},
+    ],
+    "train": {
+        "epochs": 100,  # default for stages without their own `epochs`
+        "workers": 2,
+        "seed": 0,
+        "device": "auto",  # auto: CUDA when available
+        "amp": "auto",  # mixed precision: auto (on for CUDA) | true | false; never on CPU
+        "val_every": 1,
+        "keep_every": 0,  # also keep <stage>/epoch_NNN.pt (resumable) every N epochs; 0: only best and last
+        "out_dir": "runs/posenet",
+        "progress": True,
+        "test_at_end": True,  # report the final checkpoint's errors on the test split
+        "deterministic": False,
+    },
+}
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+# Dicts whose keys are free-form (checked by their consumer, e.g. build_loss).
+FREE_FORM = {"loss"}
+
+
+def did_you_mean(key: str, options, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, [str(o) for o in options], n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(map(str, options)))})"
+
+
+def _merge(base, update, path: str = ""):
+    """Deep-merge ``update`` into a copy of ``base``; unknown keys raise :class:`ConfigError`."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"config key '{path}' must be a mapping, got {update!r}")
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in merged:
+            raise ConfigError(f"unknown config key '{where}'" + did_you_mean(str(key), merged, f"{path}." if path else ""))
+        if key == "stages":
+            merged[key] = value  # validated stage by stage later
+        elif isinstance(merged[key], dict) and key not in FREE_FORM and value is not None:
+            merged[key] = _merge(merged[key], value, where)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _find_stage(stages: list, part: str, where: str) -> dict:
+    if part.lstrip("-").isdigit():
+        try:
+            return stages[int(part)]
+        except IndexError:
+            raise ConfigError(f"'{where}': there are only {len(stages)} stages") from None
+    names = [s.get("name") if isinstance(s, dict) else None for s in stages]
+    if part not in names:
+        raise ConfigError(f"'{where}': no stage named '{part}'" + did_you_mean(part, [n for n in names if n]))
+    return stages[names.index(part)]
+
+
+def apply_override(config: dict, override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place (value parsed as YAML).
+
+    List entries of ``stages`` are addressed by index or by name
+    (``stages.1.epochs=5`` or ``stages.reprojection.epochs=5``).
+    """
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key=value (e.g. train.epochs=3)")
+    key, raw = override.split("=", 1)
+    try:
+        value = parse_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{override}': value is not valid YAML ({err})") from None
+    parts = key.strip().split(".")
+    node, free = config, False
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = _find_stage(node, part, where)
+            continue
+        if part not in node and not free:
+            raise ConfigError(f"unknown config key '{where}'" + did_you_mean(part, node, where[: -len(part)]))
+        free = free or part in FREE_FORM
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"config key '{where}' is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        raise ConfigError(f"'{key}': name a field of the stage, e.g. {key}.epochs=3")
+    if last not in node and not free:
+        raise ConfigError(f"unknown config key '{key}'" + did_you_mean(last, node, key[: -len(last)]))
+    node[last] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> dict:
+    """Read a YAML config, merge it onto :data:`DEFAULTS`, apply overrides, validate.
+
+    Returns the resolved config (every key present, stages filled in).
+    """
+    file_config = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            file_config = parse_yaml(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(file_config, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    config = _merge(DEFAULTS, file_config)
+    # Fill stage fields first so overrides like stages.learned.epochs=3 find their key.
+    if isinstance(config["stages"], list):
+        config["stages"] = [{**STAGE_DEFAULTS, **s} if isinstance(s, dict) else s for s in config["stages"]]
+    for override in overrides or []:
+        apply_override(config, override)
+    return validate_config(config)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_config(config: dict) -> dict:
+    """Check every value and fill stage defaults; returns a new resolved config.
+
+    A top-level ``loss`` dict turns the run into a single stage with that loss.
+    """
+    cfg = _merge(DEFAULTS, {k: v for k, v in config.items() if k != "stages"})
+    cfg["stages"] = copy.deepcopy(config.get("stages", DEFAULTS["stages"]))
+
+    data = cfg["data"]
+    _require(isinstance(data["kind"], str) and data["kind"], "data.kind is required (e.g. cambridge, 7scenes, synthetic)")
+    _require(isinstance(data["root"], str) and data["root"], "data.root is required: the scene folder")
+    _require(_is_int(data["max_points"]) and data["max_points"] >= 0, f"data.max_points must be an integer >= 0, got {data['max_points']!r}")
+    _require(isinstance(data["augment"], bool), f"data.augment must be true or false, got {data['augment']!r}")
+    _require(_is_number(data["color_jitter"]) and 0 <= data["color_jitter"] < 1, f"data.color_jitter must be in [0, 1), got {data['color_jitter']!r}")
+    _require(data["val"] in ("holdout", "test", "none"), f"data.val must be holdout, test or none, got {data['val']!r}")
+    _require(_is_number(data["val_fraction"]) and 0 < data["val_fraction"] <= 0.5, f"data.val_fraction must be in (0, 0.5], got {data['val_fraction']!r}")
+    _require(_is_int(data["val_block"]) and data["val_block"] >= 1, f"data.val_block must be an integer >= 1, got {data['val_block']!r}")
+
+    try:
+        ModelConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+    try:
+        PreprocessConfig.from_dict(cfg["preprocess"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"preprocess: {err}") from None
+
+    optim = cfg["optim"]
+    _require(_is_number(optim["lr"]) and optim["lr"] > 0, f"optim.lr must be a positive number, got {optim['lr']!r}")
+    _require(optim["loss_lr"] is None or (_is_number(optim["loss_lr"]) and optim["loss_lr"] > 0), f"optim.loss_lr must be a positive number or null, got {optim['loss_lr']!r}")
+    _require(optim["position_lr_scale"] == "auto" or (_is_number(optim["position_lr_scale"]) and optim["position_lr_scale"] > 0), f"optim.position_lr_scale must be auto or a positive number, got {optim['position_lr_scale']!r}")
+    _require(optim["schedule"] in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got {optim['schedule']!r}")
+    _require(_is_number(optim["final_lr_fraction"]) and 0 <= optim["final_lr_fraction"] <= 1, f"optim.final_lr_fraction must be in [0, 1], got {optim['final_lr_fraction']!r}")
+    _require(_is_number(optim["weight_decay"]) and optim["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {optim['weight_decay']!r}")
+    _require(_is_int(optim["batch_size"]) and optim["batch_size"] >= 1, f"optim.batch_size must be an integer >= 1, got {optim['batch_size']!r}")
+    _require(_is_number(optim["eps"]) and optim["eps"] > 0, f"optim.eps must be positive, got {optim['eps']!r}")
+
+    train = cfg["train"]
+    _require(_is_int(train["epochs"]) and train["epochs"] >= 1, f"train.epochs must be an integer >= 1, got {train['epochs']!r}")
+    _require(_is_int(train["workers"]) and train["workers"] >= 0, f"train.workers must be an integer >= 0, got {train['workers']!r}")
+    _require(_is_int(train["seed"]), f"train.seed must be an integer, got {train['seed']!r}")
+    _require(isinstance(train["device"], str), f"train.device must be auto, cpu or cuda[:N], got {train['device']!r}")
+    _require(train["device"] in ("auto", "cpu", "cuda") or train["device"].startswith("cuda:"), f"train.device must be auto, cpu or cuda[:N], got {train['device']!r}")
+    _require(train["amp"] in ("auto", True, False), f"train.amp must be auto, true or false, got {train['amp']!r}")
+    _require(_is_int(train["val_every"]) and train["val_every"] >= 1, f"train.val_every must be an integer >= 1, got {train['val_every']!r}")
+    _require(_is_int(train["keep_every"]) and train["keep_every"] >= 0, f"train.keep_every must be an integer >= 0, got {train['keep_every']!r}")
+    _require(isinstance(train["out_dir"], str) and train["out_dir"], "train.out_dir must be a folder path")
+    for flag in ("progress", "test_at_end", "deterministic"):
+        _require(isinstance(train[flag], bool), f"train.{flag} must be true or false, got {train[flag]!r}")
+    _require(isinstance(cfg["map_frame"], str) and cfg["map_frame"], "map_frame must be a non-empty frame id")
+
+    if cfg["loss"] is not None:
+        _require(isinstance(cfg["loss"], dict), f"loss must be a mapping like {{type: beta, beta: 500}}, got {cfg['loss']!r}")
+        cfg["stages"] = [{"name": str(cfg["loss"].get("type")), "loss": cfg["loss"], "init": "scratch"}]
+        cfg["loss"] = None
+    cfg["stages"] = _validate_stages(cfg["stages"])
+    return cfg
+
+
+def _validate_stages(stages) -> list[dict]:
+    _require(isinstance(stages, list) and stages, "stages must be a non-empty list of {name, loss, epochs, lr, init}")
+    resolved, names = [], set()
+    for i, stage in enumerate(stages):
+        where = f"stages[{i}]"
+        _require(isinstance(stage, dict), f"{where} must be a mapping, got {stage!r}")
+        unknown = set(stage) - set(STAGE_DEFAULTS)
+        _require(not unknown, f"unknown key '{where}.{next(iter(unknown), '')}'" + did_you_mean(next(iter(unknown), ""), STAGE_DEFAULTS))
+        s = {**STAGE_DEFAULTS, **copy.deepcopy(stage)}
+        _require(isinstance(s["loss"], dict), f"{where}.loss must be a mapping like {{type: learned}}")
+        s["name"] = str(s["name"] or s["loss"].get("type"))
+        _require(s["name"] not in names, f"stage name '{s['name']}' is used twice; give stages distinct names")
+        _require(all(c.isalnum() or c in "-_" for c in s["name"]), f"stage name '{s['name']}' must be letters, digits, - or _ (it names a folder)")
+        names.add(s["name"])
+        try:
+            build_loss(s["loss"])
+        except ValueError as err:
+            raise ConfigError(f"stages.{s['name']}.loss: {err}") from None
+        _require(s["epochs"] is None or (_is_int(s["epochs"]) and s["epochs"] >= 1), f"stages.{s['name']}.epochs must be an integer >= 1 or null")
+        _require(s["lr"] is None or (_is_number(s["lr"]) and s["lr"] > 0), f"stages.{s['name']}.lr must be a positive number or null")
+        _require(isinstance(s["init"], str) and s["init"], f"stages.{s['name']}.init must be previous, scratch or a checkpoint path")
+        resolved.append(s)
+    return resolved
+
+
+def stage_epochs(cfg: dict, stage: dict) -> int:
+    return stage["epochs"] or cfg["train"]["epochs"]
+
+
+def stage_lr(cfg: dict, stage: dict) -> float:
+    return float(stage["lr"] or cfg["optim"]["lr"])
