@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry import matrix_to_pose, optical_pose_to_body, rotation_angle_deg_np
+from ..geometry import matrix_to_pose, optical_pose_to_body, pose_to_matrix, rotation_angle_deg_np
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "config" / "train_synthetic.yaml"
@@ -99,8 +99,6 @@ def replay_through_node(checkpoint: str, kind: str, scene_dir: Path, rate_hz: fl
 
 def compare_with_ground_truth(result, dataset) -> tuple[dict, list]:
     """Errors of the node's camera poses (REP-103 body frame) against the dataset's poses."""
-    from ..geometry import pose_to_matrix
-
     rows, pos_err, rot_err = [], [], []
     for i, key in enumerate(sorted(result.sent)):
         record = dataset.samples[i]

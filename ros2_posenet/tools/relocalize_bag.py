@@ -176,21 +176,23 @@ class PoseBagWriter:
         stamp = T["builtin_interfaces/msg/Time"](sec=record.sec, nanosec=record.nanosec)
         return T["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
 
+    def quaternion_msg(self, record: PoseRecord):
+        x, y, z, w = wxyz_to_xyzw(record.quaternion)
+        return self.ts.types["geometry_msgs/msg/Quaternion"](x=x, y=y, z=z, w=w)
+
     def pose_msg(self, record: PoseRecord):
         T = self.ts.types
-        x, y, z, w = wxyz_to_xyzw(record.quaternion)
         pose = T["geometry_msgs/msg/Pose"](
             position=T["geometry_msgs/msg/Point"](*map(float, record.position)),
-            orientation=T["geometry_msgs/msg/Quaternion"](x=x, y=y, z=z, w=w),
+            orientation=self.quaternion_msg(record),
         )
         return T[POSE_TYPE](header=self.header(record, self.map_frame), pose=pose)
 
     def tf_msg(self, record: PoseRecord):
         T = self.ts.types
-        x, y, z, w = wxyz_to_xyzw(record.quaternion)
         transform = T["geometry_msgs/msg/Transform"](
             translation=T["geometry_msgs/msg/Vector3"](*map(float, record.position)),
-            rotation=T["geometry_msgs/msg/Quaternion"](x=x, y=y, z=z, w=w),
+            rotation=self.quaternion_msg(record),
         )
         child = self.child_frame or record.frame_id or "camera"
         stamped = T["geometry_msgs/msg/TransformStamped"](
