@@ -36,9 +36,8 @@ from ros2_posenet.evaluate import (  # noqa: E402
 from ros2_posenet.preprocess import PreprocessConfig  # noqa: E402
 from ros2_posenet.train import load_config, run_training  # noqa: E402
 
-# A bigger scene than the generator's default: with a few hundred frames a from-scratch
-# network memorises the training views and position barely generalises (see README).
-BENCH_SCENE = SyntheticSceneConfig(frames_train=2000, train_sequences=6, frames_test=200, test_sequences=2)
+# The generator's default (the demo's scene): 2000 training frames in 6 sequences.
+BENCH_SCENE = SyntheticSceneConfig()
 
 
 def ensure_scene(path: Path) -> Path:
@@ -51,9 +50,11 @@ def ensure_scene(path: Path) -> Path:
 def method_configs(base: dict, epochs: int, betas: list[float], reprojection_share: float) -> dict[str, dict]:
     """One resolved config per method, all with ``epochs`` epochs in total."""
     learned_loss = copy.deepcopy(next(s["loss"] for s in base["stages"] if s["loss"]["type"] == "learned"))
-    reproj_stage = next((s for s in base["stages"] if s["loss"]["type"] == "reprojection"), None)
-    reproj_loss = copy.deepcopy(reproj_stage["loss"]) if reproj_stage else {"type": "reprojection", "gamma": 1}
-    reproj_lr = reproj_stage["lr"] if reproj_stage else None
+    # The config's fine-tuning stage as is (loss, lr, frozen BatchNorm, dropout); only its length changes.
+    reproj_stage = copy.deepcopy(next(
+        (s for s in base["stages"] if s["loss"]["type"] == "reprojection"),
+        {"name": "reprojection", "loss": {"type": "reprojection", "gamma": 1}, "lr": None},
+    ))
 
     def with_stages(stages):
         cfg = copy.deepcopy(base)
@@ -69,7 +70,7 @@ def method_configs(base: dict, epochs: int, betas: list[float], reprojection_sha
     fine = max(1, round(epochs * reprojection_share))
     configs["learned σ + reprojection"] = with_stages([
         {"name": "learned", "loss": learned_loss, "epochs": epochs - fine, "lr": None, "init": "scratch"},
-        {"name": "reprojection", "loss": reproj_loss, "epochs": fine, "lr": reproj_lr, "init": "previous"},
+        {**reproj_stage, "name": "reprojection", "epochs": fine, "init": "previous"},
     ])
     return configs
 

@@ -27,6 +27,7 @@ from ros2_posenet.inference import resolve_device  # noqa: E402
 from ros2_posenet.losses import build_loss  # noqa: E402
 from ros2_posenet.model import ModelConfig, PoseNet  # noqa: E402
 from ros2_posenet.preprocess import PreprocessConfig  # noqa: E402
+from ros2_posenet.train_config import augmentation  # noqa: E402
 from ros2_posenet.train import (  # noqa: E402
     TrainStep, amp_settings, build_dataset, build_optimizer, load_config, move_batch,
 )
@@ -105,8 +106,8 @@ def main(argv=None) -> int:
     loss_cfg = next((s["loss"] for s in cfg["stages"] if s["loss"]["type"] == args.loss), cfg["stages"][0]["loss"]) if args.loss else cfg["stages"][0]["loss"]
     data = cfg["data"]
     dataset = build_dataset(
-        data["kind"], data["root"], "train", PreprocessConfig.from_dict(cfg["preprocess"]), augment=data["augment"],
-        max_points=data["max_points"] if loss_cfg["type"] == "reprojection" else 0, color_jitter=data["color_jitter"],
+        data["kind"], data["root"], "train", PreprocessConfig.from_dict(cfg["preprocess"]), augment=augmentation(data),
+        max_points=data["max_points"] if loss_cfg["type"] == "reprojection" else 0,
     )
     batch_size = cfg["optim"]["batch_size"]
     model = PoseNet(ModelConfig.from_dict(cfg["model"])).to(device)

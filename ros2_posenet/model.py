@@ -97,7 +97,15 @@ class PoseNet(nn.Module):
     and unit quaternion (w, x, y, z), see :mod:`ros2_posenet.geometry`.
     Dropout layers are ``nn.Dropout`` modules so ``eval()`` disables them and
     Monte-Carlo dropout can be enabled deliberately with :meth:`enable_mc_dropout`.
+
+    For fine-tuning, ``freeze_batchnorm`` keeps BatchNorm layers on their running
+    statistics and ``train_dropout = False`` switches dropout off even in ``train()``
+    mode: the training forward pass then equals the deployed one, so a loss that is
+    sensitive to small pose changes (reprojection) optimises the network that is used.
     """
+
+    freeze_batchnorm: bool = False
+    train_dropout: bool = True
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
@@ -118,6 +126,16 @@ class PoseNet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.head(torch.flatten(self.backbone(images), 1))
         return self.fc_position(features), quat_normalize(self.fc_rotation(features))
+
+    def train(self, mode: bool = True) -> "PoseNet":
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                if self.freeze_batchnorm and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+                if not self.train_dropout and isinstance(module, nn.Dropout):
+                    module.eval()
+        return self
 
     def enable_mc_dropout(self) -> None:
         """Keep the network in eval mode but re-activate dropout, for MC-dropout sampling."""

@@ -86,17 +86,25 @@ class Preprocessor:
         self._mean = torch.tensor(self.config.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(self.config.std, dtype=torch.float32).view(3, 1, 1)
 
-    def geometric(self, image: np.ndarray, K: np.ndarray | None = None, rng: np.random.Generator | None = None):
-        """Resize + crop a uint8 image; returns ``(cropped_image, K_new or None)``."""
+    def resize(self, image: np.ndarray, K: np.ndarray | None = None):
+        """Resize the shorter side to ``resize``; returns ``(resized_image, K_new or None)``."""
         check_rgb_image(image)
         h, w = image.shape[:2]
-        cfg = self.config
-        nh, nw, _ = resized_shape(h, w, cfg.resize)
+        nh, nw, _ = resized_shape(h, w, self.config.resize)
         resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR)
-        y0, x0 = crop_origin(nh, nw, cfg.crop, rng)
-        cropped = resized[y0 : y0 + cfg.crop, x0 : x0 + cfg.crop]
-        K_new = None if K is None else adjust_intrinsics(K, nw / w, nh / h, x0, y0)
-        return np.ascontiguousarray(cropped), K_new
+        return resized, None if K is None else adjust_intrinsics(K, nw / w, nh / h, 0.0, 0.0)
+
+    def crop(self, image: np.ndarray, K: np.ndarray | None = None, rng: np.random.Generator | None = None):
+        """Square ``crop`` of a resized image (random with ``rng``); returns ``(crop, K_new or None)``."""
+        crop = self.config.crop
+        y0, x0 = crop_origin(image.shape[0], image.shape[1], crop, rng)
+        cropped = np.ascontiguousarray(image[y0 : y0 + crop, x0 : x0 + crop])
+        return cropped, None if K is None else adjust_intrinsics(K, 1.0, 1.0, x0, y0)
+
+    def geometric(self, image: np.ndarray, K: np.ndarray | None = None, rng: np.random.Generator | None = None):
+        """Resize + crop a uint8 image; returns ``(cropped_image, K_new or None)``."""
+        resized, K_resized = self.resize(image, K)
+        return self.crop(resized, K_resized, rng)
 
     def normalize(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 HxWx3 (numpy or tensor) -> float (3, H, W) with ImageNet normalisation."""

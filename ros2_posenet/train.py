@@ -59,7 +59,7 @@ from .losses import build_loss, parameter_groups
 from .model import ModelConfig, PoseNet
 from .preprocess import PreprocessConfig
 from .train_config import (  # noqa: F401 (load_config, apply_override: public API of train too)
-    ConfigError, apply_override, did_you_mean, load_config, stage_epochs, stage_lr, validate_config,
+    ConfigError, apply_override, augmentation, did_you_mean, load_config, stage_epochs, stage_lr, validate_config,
 )
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,8 @@ class DataBundle:
         preprocess = PreprocessConfig.from_dict(cfg["preprocess"])
         max_points = data["max_points"] if needs_points else 0
         train_full = build_dataset(
-            data["kind"], data["root"], "train", preprocess, augment=data["augment"], max_points=max_points,
-            color_jitter=data["color_jitter"], seed=cfg["train"]["seed"],
+            data["kind"], data["root"], "train", preprocess, augment=augmentation(data),
+            max_points=max_points, seed=cfg["train"]["seed"],
         )
         if len(train_full) == 0:
             raise TrainingError(f"the training split of {data['root']} has no images")
@@ -298,10 +298,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, total_steps: in
     )
 
 
-def train_one_epoch(step, loader, optimizer, scheduler, scaler, dist_info: Dist, desc: str, progress: bool) -> dict:
-    """One pass over ``loader``; returns mean losses, last ŝx/ŝq, images and seconds."""
+def train_one_epoch(
+    step, loader, optimizer, scheduler, scaler, dist_info: Dist, desc: str, progress: bool, clip_grad_norm: float | None = None
+) -> dict:
+    """One pass over ``loader``; returns mean losses, last ŝx/ŝq, images and seconds.
+
+    With ``clip_grad_norm`` the (unscaled) gradient norm is capped and its mean reported as ``grad_norm``
+    (averaged over the batches that reported one).
+    """
     step.train()
     sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
     last: dict[str, float] = {}
     images_seen, batches, start = 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_info.main), dynamic_ncols=True)
@@ -312,18 +319,24 @@ def train_one_epoch(step, loader, optimizer, scheduler, scaler, dist_info: Dist,
             raise TrainingError(f"{desc}: the loss became {loss.item()} at batch {batches}; lower the learning rate (optim.lr or the stage's lr)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if clip_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(step.parameters(), clip_grad_norm)
+            if torch.isfinite(norm):  # fp16 overflow steps are skipped by the scaler; keep them out of the mean
+                stats["grad_norm"] = norm
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         values = {k: float(v) for k, v in stats.items()}
         for k, v in values.items():
             sums[k] += v
+            counts[k] += 1
         last = values
         batches += 1
         images_seen += batch["image"].shape[0]
         bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k in ("loss", "sx", "sq")}, refresh=False)
     bar.close()
-    result = {k: v / max(batches, 1) for k, v in sums.items()}
+    result = {k: v / counts[k] for k, v in sums.items()}
     for k in ("sx", "sq"):  # learned weights: report where they ended, not their average
         if k in last:
             result[k] = last[k]
@@ -423,6 +436,7 @@ class Trainer:
             model.load_state_dict(resume["model_state"])
         else:
             model, init_payload, source = self.initial_model(stage_index)
+        model.freeze_batchnorm, model.train_dropout = stage["freeze_batchnorm"], stage["dropout"]
         criterion = build_loss(stage["loss"])
         if resume is not None:
             criterion.load_state_dict(resume["criterion_state"])
@@ -498,7 +512,9 @@ class Trainer:
             seed_everything(seed + self.dist.rank)
             loader = make_loader(self.data.train, cfg, self.dist, sampler_epoch=epoch, seed=epoch_seed(cfg["train"]["seed"], stage_index, 0))
             desc = f"[{stage['name']}] epoch {epoch + 1}/{epochs}"
-            stats = train_one_epoch(step, loader, optimizer, scheduler, scaler, self.dist, desc, self.progress)
+            stats = train_one_epoch(
+                step, loader, optimizer, scheduler, scaler, self.dist, desc, self.progress, cfg["optim"]["clip_grad_norm"]
+            )
             validated = self.data.val is not None and ((epoch + 1) % cfg["train"]["val_every"] == 0 or epoch + 1 == epochs)
             improved = False
             if self.dist.main:
@@ -541,6 +557,8 @@ class Trainer:
             parts.append(f"reproj {stats['loss_reprojection']:.3g} px")
         if "sx" in stats:
             parts.append(f"ŝx {stats['sx']:+.3f}  ŝq {stats['sq']:+.3f}")
+        if "grad_norm" in stats:
+            parts.append(f"|grad| {stats['grad_norm']:.3g}")
         parts.append(f"{stats['images'] / max(stats['seconds'], 1e-9):.1f} img/s")
         line = "  ".join(parts)
         if val is not None:

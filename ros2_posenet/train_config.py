@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from .data.augment import Augmentation
 from .losses import build_loss
 from .model import ModelConfig
 from .preprocess import PreprocessConfig
@@ -22,7 +23,13 @@ class ConfigError(ValueError):
 
 
 
-STAGE_DEFAULTS = {"name": None, "loss": None, "epochs": None, "lr": None, "init": "previous"}
+# freeze_batchnorm / dropout: how the network runs while this stage trains (see PoseNet).
+# null = by loss: a reprojection stage freezes BatchNorm statistics and switches dropout
+# off, so the pixel loss sees the network as it is deployed; other stages train normally.
+STAGE_DEFAULTS = {
+    "name": None, "loss": None, "epochs": None, "lr": None, "init": "previous", "freeze_batchnorm": None, "dropout": None,
+}
+
 
 DEFAULTS: dict = {
     "map_frame": "map",
@@ -30,8 +37,11 @@ DEFAULTS: dict = {
         "kind": None,  # as accepted by ros2_posenet.data.build_dataset
         "root": None,
         "max_points": 256,  # scene points per image for the reprojection loss
-        "augment": True,  # random crops (and colour jitter) on training images
-        "color_jitter": 0.0,  # brightness/contrast/saturation strength with augment
+        # Training augmentation (ros2_posenet.data.augment), all off without `augment`:
+        "augment": True,
+        "random_crop": True,  # PoseNet's random crop (its label noise: see data/augment.py)
+        "rotation_deg": 0.0,  # rotated views by homography, labels exact; 0 disables
+        "color_jitter": 0.0,  # brightness/contrast/saturation strength
         "val": "holdout",  # holdout (blocks of the training sequences) | test | none
         "val_fraction": 0.1,
         "val_block": 10,
@@ -47,9 +57,13 @@ DEFAULTS: dict = {
     # schedule: constant (the paper) or cosine decay to lr·final_lr_fraction over each stage;
     # norm losses keep non-vanishing gradients near the optimum, so a decaying step size
     # lets Adam settle instead of hovering around it.
+    # clip_grad_norm: rescale the gradient of all parameters to at most this norm (null: off).
+    # Keeps one bad batch from undoing epochs of training; with the learned weighting the
+    # loss is O(1) in any unit system, so one value suits every scene. Adam ignores a
+    # constant gradient scale, so clipping below the typical norm is not a slowdown.
     "optim": {
         "lr": 1e-4, "loss_lr": None, "position_lr_scale": "auto", "weight_decay": 0.0, "batch_size": 32,
-        "eps": 1e-8, "schedule": "cosine", "final_lr_fraction": 0.01,
+        "eps": 1e-8, "schedule": "cosine", "final_lr_fraction": 0.01, "clip_grad_norm": 5.0,
     },
     # Shortcut for a one-stage run: a loss dict here replaces `stages`.
     "loss": None,
@@ -220,7 +234,9 @@ def validate_config(config: dict) -> dict:
     _require(isinstance(data["root"], str) and data["root"], "data.root is required: the scene folder")
     _require(_is_int(data["max_points"]) and data["max_points"] >= 0, f"data.max_points must be an integer >= 0, got {data['max_points']!r}")
     _require(isinstance(data["augment"], bool), f"data.augment must be true or false, got {data['augment']!r}")
+    _require(isinstance(data["random_crop"], bool), f"data.random_crop must be true or false, got {data['random_crop']!r}")
     _require(_is_number(data["color_jitter"]) and 0 <= data["color_jitter"] < 1, f"data.color_jitter must be in [0, 1), got {data['color_jitter']!r}")
+    _require(_is_number(data["rotation_deg"]) and 0 <= data["rotation_deg"] <= 30, f"data.rotation_deg must be in [0, 30] degrees, got {data['rotation_deg']!r}")
     _require(data["val"] in ("holdout", "test", "none"), f"data.val must be holdout, test or none, got {data['val']!r}")
     _require(_is_number(data["val_fraction"]) and 0 < data["val_fraction"] <= 0.5, f"data.val_fraction must be in (0, 0.5], got {data['val_fraction']!r}")
     _require(_is_int(data["val_block"]) and data["val_block"] >= 1, f"data.val_block must be an integer >= 1, got {data['val_block']!r}")
@@ -243,6 +259,7 @@ def validate_config(config: dict) -> dict:
     _require(_is_number(optim["weight_decay"]) and optim["weight_decay"] >= 0, f"optim.weight_decay must be >= 0, got {optim['weight_decay']!r}")
     _require(_is_int(optim["batch_size"]) and optim["batch_size"] >= 1, f"optim.batch_size must be an integer >= 1, got {optim['batch_size']!r}")
     _require(_is_number(optim["eps"]) and optim["eps"] > 0, f"optim.eps must be positive, got {optim['eps']!r}")
+    _require(optim["clip_grad_norm"] is None or (_is_number(optim["clip_grad_norm"]) and optim["clip_grad_norm"] > 0), f"optim.clip_grad_norm must be a positive number or null, got {optim['clip_grad_norm']!r}")
 
     train = cfg["train"]
     _require(_is_int(train["epochs"]) and train["epochs"] >= 1, f"train.epochs must be an integer >= 1, got {train['epochs']!r}")
@@ -287,6 +304,11 @@ def _validate_stages(stages) -> list[dict]:
         _require(s["epochs"] is None or (_is_int(s["epochs"]) and s["epochs"] >= 1), f"stages.{s['name']}.epochs must be an integer >= 1 or null")
         _require(s["lr"] is None or (_is_number(s["lr"]) and s["lr"] > 0), f"stages.{s['name']}.lr must be a positive number or null")
         _require(isinstance(s["init"], str) and s["init"], f"stages.{s['name']}.init must be previous, scratch or a checkpoint path")
+        fine_tuning = s["loss"].get("type") == "reprojection"
+        s["freeze_batchnorm"] = fine_tuning if s["freeze_batchnorm"] is None else s["freeze_batchnorm"]
+        s["dropout"] = (not fine_tuning) if s["dropout"] is None else s["dropout"]
+        for key in ("freeze_batchnorm", "dropout"):
+            _require(isinstance(s[key], bool), f"stages.{s['name']}.{key} must be true, false or null, got {s[key]!r}")
         resolved.append(s)
     return resolved
 
@@ -297,3 +319,12 @@ def stage_epochs(cfg: dict, stage: dict) -> int:
 
 def stage_lr(cfg: dict, stage: dict) -> float:
     return float(stage["lr"] or cfg["optim"]["lr"])
+
+
+def augmentation(data: dict) -> Augmentation | bool:
+    """The training set's :class:`Augmentation` from the ``data`` section (False when off)."""
+    if not data["augment"]:
+        return False
+    return Augmentation(
+        random_crop=data["random_crop"], color_jitter=float(data["color_jitter"]), rotation_deg=float(data["rotation_deg"])
+    )

@@ -11,7 +11,7 @@ from ros2_posenet.geometry import project_points
 from ros2_posenet.model import ModelConfig, PoseNet
 from ros2_posenet.preprocess import PreprocessConfig
 
-TINY_SCENE = SyntheticSceneConfig(width=160, height=120, frames_train=16, frames_test=6, num_points=600)
+TINY_SCENE = SyntheticSceneConfig(width=160, height=120, frames_train=16, frames_test=6, train_sequences=2, num_points=600)
 
 
 def tiny_scene(tmp_path_factory, name: str, config: SyntheticSceneConfig = TINY_SCENE) -> Path:

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ros2_posenet.data import DatasetError, build_dataset, collate_pose_batch, color_jitter
+from ros2_posenet.data import Augmentation, DatasetError, build_dataset, collate_pose_batch, color_jitter
 from ros2_posenet.data.synthetic import SyntheticScene, SyntheticSceneConfig, generate_scene
 from ros2_posenet.geometry import pose_to_matrix
 from ros2_posenet.losses import ReprojectionLoss
 from ros2_posenet.preprocess import PreprocessConfig
 
-CONFIG = SyntheticSceneConfig(width=160, height=120, frames_train=12, frames_test=4, num_points=600)
+CONFIG = SyntheticSceneConfig(width=160, height=120, frames_train=12, frames_test=4, train_sequences=2, num_points=600)
 SMALL = PreprocessConfig(resize=96, crop=80)
 
 
@@ -92,7 +92,7 @@ def test_collate_pads_points_and_masks_them():
 
 
 def test_augmentation_is_random_per_epoch_but_reproducible(scene_dir):
-    ds = build_dataset("7scenes", scene_dir, "train", SMALL, augment=True, max_points=16, color_jitter=0.3)
+    ds = build_dataset("7scenes", scene_dir, "train", SMALL, augment=Augmentation(color_jitter=0.3), max_points=16)
     torch.manual_seed(1)
     first = [ds[0], ds[0]]
     torch.manual_seed(1)
@@ -102,7 +102,7 @@ def test_augmentation_is_random_per_epoch_but_reproducible(scene_dir):
 
 
 def test_evaluation_items_are_deterministic_and_unjittered(scene_dir):
-    test = build_dataset("7scenes", scene_dir, "test", SMALL, augment=False, max_points=16, color_jitter=0.5)
+    test = build_dataset("7scenes", scene_dir, "test", SMALL, augment=False, max_points=16)
     a, b = test[2], test[2]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["points"], b["points"])
     centre, _ = test.preprocessor(test.load_image(2), test.intrinsics(2))  # centre crop, no jitter

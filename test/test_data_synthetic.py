@@ -17,7 +17,7 @@ from ros2_posenet.data.synthetic import (
 )
 from ros2_posenet.geometry import matrix_to_pose, rotation_angle_deg_np
 
-TINY = dict(width=96, height=72, frames_train=12, frames_test=6, num_points=300)
+TINY = dict(width=96, height=72, frames_train=12, frames_test=6, train_sequences=2, num_points=300)
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -67,7 +67,7 @@ def test_only_requested_formats_are_written(tmp_path):
 
 
 def test_test_poses_are_held_out_and_robot_like():
-    config = SyntheticSceneConfig(frames_train=200, frames_test=60)
+    config = SyntheticSceneConfig(frames_train=200, frames_test=60, train_sequences=2)
     sequences = scene_trajectories(config)
     train = np.concatenate([s["poses"] for s in sequences.values() if s["split"] == "train"])
     test = np.concatenate([s["poses"] for s in sequences.values() if s["split"] == "test"])
@@ -133,7 +133,7 @@ def test_config_rejects_bad_values(bad):
 
 def test_cli_writes_scene_and_reports_user_errors(tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["--out", str(out), "--frames-train", "4", "--frames-test", "2", "--width", "64", "--height", "48",
+    argv = ["--out", str(out), "--frames-train", "4", "--train-sequences", "2", "--frames-test", "2", "--width", "64", "--height", "48",
             "--points", "100", "--seed", "3", "--quiet"]
     assert main(argv) == 0
     assert "4 train + 2 test frames" in capsys.readouterr().out

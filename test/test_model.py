@@ -37,6 +37,32 @@ def test_eval_is_deterministic_and_mc_dropout_is_not():
     assert not model.training and model.head[0].training  # BatchNorm stays frozen, dropout on
 
 
+def test_fine_tuning_mode_trains_the_deployed_network():
+    torch.manual_seed(0)
+    model = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=32, dropout=0.5))
+    images = torch.randn(4, 3, 64, 64)
+    model.train()
+    model(images)  # move the BatchNorm statistics away from their initial values
+    bn = model.backbone.bn1
+    stats = bn.running_mean.clone()
+    model.eval()
+    with torch.no_grad():
+        deployed = model(images)
+
+    model.freeze_batchnorm, model.train_dropout = True, False
+    model.train()
+    assert model.training and not bn.training
+    t, q = model(images)
+    torch.testing.assert_close((t, q), deployed)  # same forward as deployed ...
+    assert torch.equal(bn.running_mean, stats)  # ... and the statistics stay put
+    (t.sum() + q.sum()).backward()
+    assert bn.weight.grad is not None  # BatchNorm's affine parameters still learn
+
+    model.freeze_batchnorm, model.train_dropout = False, True
+    model.train()
+    assert bn.training and not torch.allclose(model(images)[0], deployed[0])
+
+
 def test_position_offset_sets_bias():
     model = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=8))
     model.set_position_offset(torch.tensor([10.0, -5.0, 1.5]))

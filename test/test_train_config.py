@@ -43,6 +43,10 @@ def test_stage_fields_missing_from_the_file_can_still_be_overridden(tmp_path):
     [
         (BASE, ["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'"),
         (BASE, ["optim.lr=-1"], "optim.lr must be a positive number"),
+        (BASE, ["optim.clip_grad_norm=0"], "optim.clip_grad_norm must be a positive number or null"),
+        (BASE, ["data.rotation_deg=90"], "data.rotation_deg must be in [0, 30]"),
+        (BASE, ["data.random_crop=maybe"], "data.random_crop must be true or false"),
+        (BASE, ["stages.reprojection.freeze_batchnorm=1"], "stages.reprojection.freeze_batchnorm must be true, false or null"),
         (BASE, ["train.device=tpu"], "train.device"),
         (BASE, ["model.backbone=vgg"], "unknown backbone"),
         (BASE, ["preprocess.crop=300"], "crop <= resize"),

@@ -80,9 +80,14 @@ def test_two_stage_schedule_fine_tunes_with_reprojection(tiny_scene, tmp_path):
     assert reproj[-1] < reproj[0]
     assert all("val" in r for r in log)  # val_every=1
 
-    # Stage 2 started from stage 1's best weights.
+    # Stage 2 started from stage 1's best weights and trained with BatchNorm frozen (the
+    # default of a reprojection stage): running statistics unchanged, weights changed.
     stage1 = load_checkpoint(tmp_path / "learned" / "best.pt")
     assert stage1["loss_config"]["type"] == "learned" and "sx" in stage1["criterion_state"]
+    stage2 = load_checkpoint(tmp_path / "reprojection" / "last.pt")["model_state"]
+    bn_stats = [k for k in stage2 if k.endswith(("running_mean", "running_var"))]
+    assert bn_stats and all(torch.equal(stage2[k], stage1["model_state"][k]) for k in bn_stats)
+    assert not torch.equal(stage2["fc_position.weight"], stage1["model_state"]["fc_position.weight"])
 
     ckpt = load_checkpoint(result["checkpoint"])
     assert ckpt["map_frame"] == "room"

@@ -21,9 +21,10 @@ def tiny_scene(tmp_path_factory):
 
 
 def config(root, out_dir, *overrides):
-    # Augmentation and dropout stay on so the test also covers the random state.
+    # Augmentation, dropout and gradient clipping stay on so the test also covers the random state.
     return load_config(None, [
         "data.kind=7scenes", f"data.root={root}", "data.max_points=16", "data.augment=true", "data.color_jitter=0.2",
+        "data.rotation_deg=5", "optim.clip_grad_norm=1.0",
         "data.val=holdout", "data.val_fraction=0.25",
         "model.backbone=resnet18", "model.hidden_dim=32", "model.dropout=0.3", "model.pretrained=false",
         "preprocess.resize=40", "preprocess.crop=32", "optim.batch_size=4", "optim.lr=1e-3",

@@ -10,13 +10,15 @@ from pathlib import Path
 
 from ..preprocess import PreprocessConfig, Preprocessor
 from .cambridge import CambridgeLandmarks, NvmReconstruction, read_nvm
-from .common import DatasetError, PoseDataset, PoseRecord, build_item, collate_pose_batch, color_jitter
+from .augment import Augmentation, color_jitter
+from .common import DatasetError, PoseDataset, PoseRecord, build_item, collate_pose_batch
 from .seven_scenes import SevenScenes
 
 DATASET_KINDS = {"cambridge": CambridgeLandmarks, "7scenes": SevenScenes}
 _ALIASES = {"7-scenes": "7scenes", "seven_scenes": "7scenes", "sevenscenes": "7scenes", "cambridge_landmarks": "cambridge"}
 
 __all__ = [
+    "Augmentation",
     "CambridgeLandmarks",
     "DATASET_KINDS",
     "DatasetError",
@@ -37,9 +39,8 @@ def build_dataset(
     root: str | Path,
     split: str,
     preprocess: PreprocessConfig | Preprocessor | None = None,
-    augment: bool = False,
+    augment: bool | Augmentation = False,
     max_points: int = 256,
-    color_jitter: float = 0.0,
     seed: int = 0,
     **options,
 ) -> PoseDataset:
@@ -50,10 +51,10 @@ def build_dataset(
         root: scene folder.
         split: ``"train"`` or ``"test"``.
         preprocess: resize/crop settings (the checkpoint's PreprocessConfig).
-        augment: random crop, colour jitter and random point subsets (training only).
+        augment: training augmentation: an :class:`Augmentation` (random crop, colour
+            jitter, rotated views), ``True`` for PoseNet's random crop alone, or
+            ``False`` (evaluation: centre crop). Point subsets are random with it.
         max_points: 3D points per item for the reprojection loss (0: none).
-        color_jitter: brightness/contrast/saturation jitter strength, applied only
-            with ``augment``; 0 (the paper's setting) disables it.
         seed: base seed of the per-item random draws.
         **options: loader-specific options (Cambridge: ``reconstruction``,
             ``reconstruction_width``, ``focal``).
@@ -68,5 +69,5 @@ def build_dataset(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return DATASET_KINDS[key](
         root, split=split, preprocess=preprocess, augment=augment, max_points=max_points,
-        color_jitter=color_jitter, seed=seed, **options,
+        seed=seed, **options,
     )

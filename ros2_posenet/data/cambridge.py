@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..preprocess import PreprocessConfig, Preprocessor
+from .augment import Augmentation
 from .common import DatasetError, PoseDataset, PoseRecord, checked_unit_quaternion, parse_floats, subsample_points
 
 HEADER_LINES = 3
@@ -291,9 +292,9 @@ class CambridgeLandmarks(PoseDataset):
         root: scene folder (holding ``dataset_train.txt`` ...).
         split: ``"train"`` or ``"test"`` -> ``dataset_<split>.txt``.
         preprocess: preprocessing (resize shorter side, random/centre crop).
-        augment: random crop, colour jitter and random point subsets (training).
+        augment: an :class:`~.augment.Augmentation` (``True``: PoseNet's random crop)
+            plus random point subsets (training); ``False`` for evaluation.
         max_points: visible NVM points per item (0 disables them).
-        color_jitter: jitter strength, used only with ``augment``.
         seed: base seed of the per-item random draws.
         reconstruction: NVM file name in ``root``. Without it, points are empty and
             ``focal`` must be given.
@@ -308,16 +309,15 @@ class CambridgeLandmarks(PoseDataset):
         root: str | Path,
         split: str = "train",
         preprocess: PreprocessConfig | Preprocessor | None = None,
-        augment: bool = False,
+        augment: bool | Augmentation = False,
         max_points: int = 256,
-        color_jitter: float = 0.0,
         seed: int = 0,
         reconstruction: str = "reconstruction.nvm",
         reconstruction_width: float | None = None,
         focal: float | None = None,
     ):
         root = Path(root)
-        super().__init__(preprocess, augment, max_points, color_jitter, seed, scene_name=root.resolve().name)
+        super().__init__(preprocess, augment, max_points, seed, scene_name=root.resolve().name)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not root.is_dir():

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..preprocess import PreprocessConfig, Preprocessor, adjust_intrinsics
+from .augment import Augmentation, as_augmentation, color_jitter, random_rotation, rotate_view
 
 # |q| may deviate this much from 1 (rounding in text files) before a quaternion is rejected.
 QUAT_NORM_TOLERANCE = 1e-3
@@ -124,23 +125,6 @@ def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[i
     return adjust_intrinsics(K, to_size[0] / from_size[0], to_size[1] / from_size[1], 0.0, 0.0)
 
 
-def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Random brightness, contrast and saturation factors in ``[1 - s, 1 + s]`` (uint8 HxWx3 RGB).
-
-    Geometry is untouched, so poses, intrinsics and points stay valid.
-    """
-    if strength <= 0:
-        return image
-    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
-    brightness, contrast, saturation = rng.uniform(lo, hi, size=3)
-    img = image.astype(np.float32) * brightness
-    gray = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    img = (img - gray.mean()) * contrast + gray.mean()
-    gray = (img @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
-    img = gray + (img - gray) * saturation
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
-
-
 def subsample_points(points: np.ndarray, max_points: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``max_points`` rows of ``points`` (N, 3), drawn without replacement."""
     if len(points) <= max_points:
@@ -157,9 +141,8 @@ def build_item(
     points: np.ndarray,
     preprocessor: Preprocessor,
     index: int,
-    crop_rng: np.random.Generator | None = None,
-    jitter: float = 0.0,
-    jitter_rng: np.random.Generator | None = None,
+    augmentation: Augmentation | None = None,
+    rng: np.random.Generator | None = None,
 ) -> dict:
     """One dataset item of the batch contract from a raw image and its geometry.
 
@@ -168,12 +151,21 @@ def build_item(
         K: (3, 3) intrinsics of ``image``; updated through resize and crop.
         position, rotation: (3,), (4,) camera-to-world pose.
         points: (N, 3) world points visible in ``image`` (already subsampled).
-        crop_rng: random crop when given (training), centre crop otherwise.
-        jitter, jitter_rng: colour-jitter strength and its random source (training only).
+        augmentation: what to do to a training item (None: centre crop, nothing else).
+        rng: random source of the augmentation (required with one).
     """
-    cropped, K_new = preprocessor.geometric(image, K, crop_rng)
-    if jitter > 0 and jitter_rng is not None:
-        cropped = color_jitter(cropped, jitter, jitter_rng)
+    resized, K_resized = preprocessor.resize(image, K)
+    crop_rng = None
+    if augmentation is not None:
+        if rng is None:
+            raise ValueError("augmentation needs a random generator")
+        crop_rng = rng if augmentation.random_crop else None
+        if augmentation.rotation_deg > 0:
+            R_delta = random_rotation(augmentation.rotation_deg, rng)
+            resized, rotation = rotate_view(resized, K_resized, rotation, R_delta)
+    cropped, K_new = preprocessor.crop(resized, K_resized, crop_rng)
+    if augmentation is not None and augmentation.color_jitter > 0:
+        cropped = color_jitter(cropped, augmentation.color_jitter, rng)
     return {
         "image": preprocessor.normalize(cropped),
         "position": torch.as_tensor(np.asarray(position, dtype=np.float32)),
@@ -218,8 +210,11 @@ class PoseDataset(Dataset):
     Subclasses fill ``self.samples`` and implement :meth:`raw_intrinsics` and
     :meth:`visible_points`.
 
-    Randomness: with ``augment`` the crop, colour jitter and point subset are drawn
-    from a generator seeded by ``(seed, index, a draw from torch's RNG)``, so they
+    ``augment``: an :class:`~.augment.Augmentation`, ``True`` for the default one
+    (PoseNet's random crop) or ``False`` for none.
+
+    Randomness: with ``augment`` the augmentation and point subset are drawn
+    from generators seeded by ``(seed, index, a draw from torch's RNG)``, so they
     change every epoch yet are reproducible under ``torch.manual_seed`` (DataLoader
     workers get distinct torch seeds). Without ``augment`` the crop is centred, there
     is no jitter and the point subset depends only on ``(seed, index)``.
@@ -228,20 +223,16 @@ class PoseDataset(Dataset):
     def __init__(
         self,
         preprocess: PreprocessConfig | Preprocessor | None = None,
-        augment: bool = False,
+        augment: bool | Augmentation = False,
         max_points: int = 256,
-        color_jitter: float = 0.0,
         seed: int = 0,
         scene_name: str = "",
     ):
         if max_points < 0:
             raise ValueError(f"max_points must be >= 0, got {max_points}")
-        if color_jitter < 0:
-            raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
         self.preprocessor = preprocess if isinstance(preprocess, Preprocessor) else Preprocessor(preprocess)
-        self.augment = bool(augment)
+        self.augmentation = as_augmentation(augment)
         self.max_points = int(max_points)
-        self.color_jitter = float(color_jitter)
         self.seed = int(seed)
         self.scene_name = scene_name
         self.samples: list[PoseRecord] = []
@@ -293,15 +284,20 @@ class PoseDataset(Dataset):
         K = self.raw_intrinsics(index, image.shape[1], image.shape[0])
         if self.augment:
             rng = np.random.default_rng([self.seed, index, int(torch.randint(0, 2**62, (1,)).item())])
-            crop_rng, jitter_rng, points_rng = rng.spawn(3)
+            augment_rng, points_rng = rng.spawn(2)
         else:
-            crop_rng = jitter_rng = None
+            augment_rng = None
             points_rng = np.random.default_rng([self.seed, index])
         points = self.visible_points(index, points_rng) if self.max_points > 0 else np.zeros((0, 3))
         return build_item(
             image, K, record.position, record.rotation, points, self.preprocessor, index,
-            crop_rng=crop_rng, jitter=self.color_jitter, jitter_rng=jitter_rng,
+            augmentation=self.augmentation, rng=augment_rng,
         )
+
+    @property
+    def augment(self) -> bool:
+        """Whether items are augmented (training)."""
+        return self.augmentation is not None
 
     def __repr__(self) -> str:
         return (

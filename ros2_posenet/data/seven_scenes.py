@@ -29,6 +29,7 @@ import numpy as np
 
 from ..geometry import matrix_to_pose
 from ..preprocess import PreprocessConfig, Preprocessor
+from .augment import Augmentation
 from .common import DatasetError, PoseDataset, PoseRecord, parse_floats, scale_intrinsics
 
 KINECT_INTRINSICS = (585.0, 585.0, 320.0, 240.0, 640, 480)  # fx fy cx cy width height
@@ -151,9 +152,9 @@ class SevenScenes(PoseDataset):
         root: scene folder (holding ``TrainSplit.txt`` ...).
         split: ``"train"`` or ``"test"`` -> sequences of ``TrainSplit.txt`` / ``TestSplit.txt``.
         preprocess: preprocessing (resize shorter side, random/centre crop).
-        augment: random crop, colour jitter and random point subsets (training).
+        augment: an :class:`~.augment.Augmentation` (``True``: PoseNet's random crop)
+            plus random point subsets (training); ``False`` for evaluation.
         max_points: depth points per item (0 disables them and depth is not needed).
-        color_jitter: jitter strength, used only with ``augment``.
         seed: base seed of the per-item random draws.
     """
 
@@ -162,13 +163,12 @@ class SevenScenes(PoseDataset):
         root: str | Path,
         split: str = "train",
         preprocess: PreprocessConfig | Preprocessor | None = None,
-        augment: bool = False,
+        augment: bool | Augmentation = False,
         max_points: int = 256,
-        color_jitter: float = 0.0,
         seed: int = 0,
     ):
         root = Path(root)
-        super().__init__(preprocess, augment, max_points, color_jitter, seed, scene_name=root.resolve().name)
+        super().__init__(preprocess, augment, max_points, seed, scene_name=root.resolve().name)
         if split not in SPLIT_FILES:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not root.is_dir():

@@ -72,9 +72,9 @@ class SyntheticSceneConfig:
     width: int = 320
     height: int = 240
     fov_deg: float = 60.0
-    frames_train: int = 400
-    frames_test: int = 100
-    train_sequences: int = 2
+    frames_train: int = 2000  # a from-scratch network needs a few thousand views to generalise in position
+    frames_test: int = 200
+    train_sequences: int = 6
     test_sequences: int = 1
     num_points: int = 3000
     room_size: tuple = (12.0, 9.0, 3.0)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.synthetic import SyntheticSceneConfig
 from ..geometry import matrix_to_pose, optical_pose_to_body, pose_to_matrix, rotation_angle_deg_np
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "config" / "train_synthetic.yaml"
+SCENE_DEFAULTS = SyntheticSceneConfig()
 
 
 def say(message: str) -> None:
@@ -30,7 +32,7 @@ def make_scene(scene_dir: Path, frames_train: int, frames_test: int, train_seque
     """Generate the synthetic scene once; reuse it when the same one is already there."""
     import yaml
 
-    from ..data.synthetic import SyntheticSceneConfig, generate_scene
+    from ..data.synthetic import generate_scene
 
     config = SyntheticSceneConfig(seed=seed, frames_train=frames_train, frames_test=frames_test, train_sequences=train_sequences)
     summary_file = scene_dir / "scene.yaml"
@@ -171,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config")
     # Positions only generalise to a new trajectory with a few thousand views of the room
     # (config/train_synthetic.yaml); a few hundred suffice for rotation alone.
-    p.add_argument("--frames-train", type=int, default=2000)
-    p.add_argument("--train-sequences", type=int, default=6)
-    p.add_argument("--frames-test", type=int, default=200)
+    p.add_argument("--frames-train", type=int, default=SCENE_DEFAULTS.frames_train)
+    p.add_argument("--train-sequences", type=int, default=SCENE_DEFAULTS.train_sequences)
+    p.add_argument("--frames-test", type=int, default=SCENE_DEFAULTS.frames_test)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rate", type=float, default=0.0, help="replay rate in Hz (0: send each image once the previous is answered)")
     p.add_argument("overrides", nargs="*", help="training config overrides, e.g. stages.learned.epochs=4")
