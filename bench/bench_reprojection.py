@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ros2_posenet.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint  # noqa: E402
 from ros2_posenet.data import build_dataset, collate_pose_batch  # noqa: E402
-from ros2_posenet.geometry import position_error, project_points, rotation_error_deg  # noqa: E402
+from ros2_posenet.geometry import position_error, rotation_error_deg  # noqa: E402
+from ros2_posenet.losses import reprojection_residuals  # noqa: E402
 from ros2_posenet.train import holdout_split, sequence_ids  # noqa: E402
 
 
@@ -49,10 +50,8 @@ def per_frame_errors(model: torch.nn.Module, dataset, batch_size: int = 32) -> d
     out = {"position_m": [], "rotation_deg": [], "reprojection_px": []}
     for batch in loader:
         t, q = model(batch["image"])
-        uv_true, depth = project_points(batch["points"], batch["position"], batch["rotation"], batch["K"])
-        uv_pred, _ = project_points(batch["points"], t, q, batch["K"])
-        valid = batch["points_mask"] & (depth > 1e-2)
-        pixels = (uv_pred - uv_true).norm(dim=-1).masked_fill(~valid, float("nan"))
+        residual, valid = reprojection_residuals(t, q, batch)
+        pixels = residual.norm(dim=-1).masked_fill(~valid, float("nan"))
         out["reprojection_px"].append(torch.nanmedian(pixels, dim=1).values)
         out["position_m"].append(position_error(t, batch["position"]))
         out["rotation_deg"].append(rotation_error_deg(q, batch["rotation"]))

@@ -99,6 +99,24 @@ class LearnedWeightingLoss(nn.Module):
         }
 
 
+def reprojection_residuals(pred_t: torch.Tensor, pred_q: torch.Tensor, batch: dict, min_depth: float = 1e-2):
+    """Pixel offsets of the batch's scene points between the predicted and the true pose.
+
+    Args:
+        pred_t, pred_q: (B, 3), (B, 4) predicted camera-to-world poses.
+        batch: ``points`` (B, N, 3), ``points_mask`` (B, N), ``K`` (B, 3, 3), true ``position``/``rotation``.
+        min_depth: points closer than this to the true camera are invalid; depths behind the
+            predicted camera are clamped to it (finite, large residuals).
+
+    Returns:
+        ``(residual (B, N, 2), valid (B, N) bool)``.
+    """
+    points, K = batch["points"], batch["K"]
+    uv_true, depth_true = project_points(points, batch["position"], batch["rotation"], K, min_depth)
+    uv_pred, _ = project_points(points, pred_t, pred_q, K, min_depth)
+    return uv_pred - uv_true, batch["points_mask"].bool() & (depth_true > min_depth)
+
+
 class ReprojectionLoss(nn.Module):
     """Mean γ-norm pixel distance of visible scene points under true vs predicted pose.
 
@@ -119,12 +137,8 @@ class ReprojectionLoss(nn.Module):
         self.min_depth = float(min_depth)
 
     def forward(self, pred_t, pred_q, batch):
-        points, K = batch["points"], batch["K"]
-        mask = batch["points_mask"].bool()
-        uv_true, depth_true = project_points(points, batch["position"], batch["rotation"], K, self.min_depth)
-        uv_pred, _ = project_points(points, pred_t, pred_q, K, self.min_depth)
-        valid = mask & (depth_true > self.min_depth)
-        per_point = regression_norm(uv_pred - uv_true, "l1" if self.gamma == 1.0 else "l2")
+        residual, valid = reprojection_residuals(pred_t, pred_q, batch, self.min_depth)
+        per_point = regression_norm(residual, "l1" if self.gamma == 1.0 else "l2")
         per_point = per_point.clamp_max(self.max_pixel_error)
         count = valid.sum()
         loss = (per_point * valid).sum() / count.clamp_min(1)

@@ -234,9 +234,10 @@ def validate_config(config: dict) -> dict:
     _require(isinstance(data["root"], str) and data["root"], "data.root is required: the scene folder")
     _require(_is_int(data["max_points"]) and data["max_points"] >= 0, f"data.max_points must be an integer >= 0, got {data['max_points']!r}")
     _require(isinstance(data["augment"], bool), f"data.augment must be true or false, got {data['augment']!r}")
-    _require(isinstance(data["random_crop"], bool), f"data.random_crop must be true or false, got {data['random_crop']!r}")
-    _require(_is_number(data["color_jitter"]) and 0 <= data["color_jitter"] < 1, f"data.color_jitter must be in [0, 1), got {data['color_jitter']!r}")
-    _require(_is_number(data["rotation_deg"]) and 0 <= data["rotation_deg"] <= 30, f"data.rotation_deg must be in [0, 30] degrees, got {data['rotation_deg']!r}")
+    try:
+        _augmentation_of(data)  # checked even when augment is off, so a typo does not wait for the day it is on
+    except ValueError as err:
+        raise ConfigError(f"data.{err}") from None
     _require(data["val"] in ("holdout", "test", "none"), f"data.val must be holdout, test or none, got {data['val']!r}")
     _require(_is_number(data["val_fraction"]) and 0 < data["val_fraction"] <= 0.5, f"data.val_fraction must be in (0, 0.5], got {data['val_fraction']!r}")
     _require(_is_int(data["val_block"]) and data["val_block"] >= 1, f"data.val_block must be an integer >= 1, got {data['val_block']!r}")
@@ -321,10 +322,10 @@ def stage_lr(cfg: dict, stage: dict) -> float:
     return float(stage["lr"] or cfg["optim"]["lr"])
 
 
+def _augmentation_of(data: dict) -> Augmentation:
+    return Augmentation(random_crop=data["random_crop"], color_jitter=data["color_jitter"], rotation_deg=data["rotation_deg"])
+
+
 def augmentation(data: dict) -> Augmentation | bool:
     """The training set's :class:`Augmentation` from the ``data`` section (False when off)."""
-    if not data["augment"]:
-        return False
-    return Augmentation(
-        random_crop=data["random_crop"], color_jitter=float(data["color_jitter"]), rotation_deg=float(data["rotation_deg"])
-    )
+    return _augmentation_of(data) if data["augment"] else False

@@ -14,7 +14,8 @@ Three kinds, chosen by :class:`Augmentation`:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from numbers import Real
 
 import cv2
 import numpy as np
@@ -37,13 +38,17 @@ class Augmentation:
     rotation_deg: float = 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.color_jitter < 1.0:
-            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
-        if not 0.0 <= self.rotation_deg <= 30.0:
-            raise ValueError(f"rotation_deg must be in [0, 30] degrees, got {self.rotation_deg}")
+        # The one place these bounds live: the training config reports them as data.<field>.
+        if not isinstance(self.random_crop, bool):
+            raise ValueError(f"random_crop must be true or false, got {self.random_crop!r}")
+        if not (_is_number(self.color_jitter) and 0.0 <= self.color_jitter < 1.0):
+            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter!r}")
+        if not (_is_number(self.rotation_deg) and 0.0 <= self.rotation_deg <= 30.0):
+            raise ValueError(f"rotation_deg must be in [0, 30] degrees, got {self.rotation_deg!r}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def as_augmentation(augment) -> Augmentation | None:
