@@ -105,6 +105,35 @@ def base_covariance(cov_camera: np.ndarray, T_map_optical: np.ndarray, T_map_bas
     return transport_covariance(cov_camera, lever_arm)
 
 
+@dataclass(frozen=True)
+class RelocalizedPoses:
+    """Everything the node publishes for one prediction, as matrices (ROS-free).
+
+    The node and ``relocalize-bag`` both build their messages from this, so the
+    same image gives the same poses, frames and covariance in both.
+    """
+
+    T_map_optical: np.ndarray  # the network's camera pose (optical frame)
+    T_map_camera: np.ndarray  # camera body frame (REP-103) in the map
+    T_map_base: np.ndarray  # robot base in the map
+    base_covariance: np.ndarray  # 6×6 x y z roll pitch yaw of the base pose
+
+    @classmethod
+    def from_prediction(cls, position, quaternion, covariance, mount: CameraMount) -> "RelocalizedPoses":
+        T_map_optical = pose_to_matrix(position, quaternion)
+        T_map_base = mount.base_pose(T_map_optical)
+        return cls(
+            T_map_optical=T_map_optical,
+            T_map_camera=mount.camera_pose(T_map_optical),
+            T_map_base=T_map_base,
+            base_covariance=base_covariance(covariance, T_map_optical, T_map_base),
+        )
+
+    @property
+    def is_finite(self) -> bool:
+        return is_finite_pose(self.T_map_base) and bool(np.all(np.isfinite(self.base_covariance)))
+
+
 def interpolate_pose(T0: np.ndarray, T1: np.ndarray, alpha: float) -> np.ndarray:
     """Pose a fraction ``alpha`` ∈ [0, 1] of the way from ``T0`` to ``T1`` (lerp + slerp)."""
     t0, q0 = matrix_to_pose(T0)

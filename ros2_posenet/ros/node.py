@@ -49,8 +49,7 @@ from nav_msgs.msg import Odometry
 from sensor_msgs.msg import CompressedImage, Image
 
 from ..checkpoint import CheckpointError
-from ..frames import CameraMount, PoseHistory, base_covariance, extrinsic_matrix, is_finite_pose, map_to_odom
-from ..geometry import pose_to_matrix
+from ..frames import CameraMount, PoseHistory, RelocalizedPoses, extrinsic_matrix, map_to_odom
 from ..backends import COMPILE_MODES
 from ..inference import BACKENDS, PRECISIONS, BackendUnavailableError, NonFiniteOutputError, Relocalizer, resolve_device
 from . import messages
@@ -520,18 +519,15 @@ class PoseNetNode(Node):
         except ValueError as err:  # the preprocessor rejects e.g. 1-pixel images
             self._drop("bad_image", str(err))
             return
-        T_map_optical = pose_to_matrix(prediction.position, prediction.quaternion)
-        T_map_camera = s.mount.camera_pose(T_map_optical)
-        T_map_base = s.mount.base_pose(T_map_optical)
-        covariance = base_covariance(prediction.covariance, T_map_optical, T_map_base)
-        if not (is_finite_pose(T_map_base) and np.all(np.isfinite(covariance))):
+        poses = RelocalizedPoses.from_prediction(prediction.position, prediction.quaternion, prediction.covariance, s.mount)
+        if not poses.is_finite:
             self._drop("non_finite_output", "pose or covariance is not finite")
             return
         map_frame = self.map_frame
-        self._pose_pub.publish(messages.pose_stamped(T_map_base, map_frame, stamp))
-        self._pose_cov_pub.publish(messages.pose_with_covariance_stamped(T_map_base, covariance, map_frame, stamp))
-        self._camera_pose_pub.publish(messages.pose_stamped(T_map_camera, map_frame, stamp))
-        self._publish_tf(s, T_map_camera, T_map_base, stamp)
+        self._pose_pub.publish(messages.pose_stamped(poses.T_map_base, map_frame, stamp))
+        self._pose_cov_pub.publish(messages.pose_with_covariance_stamped(poses.T_map_base, poses.base_covariance, map_frame, stamp))
+        self._camera_pose_pub.publish(messages.pose_stamped(poses.T_map_camera, map_frame, stamp))
+        self._publish_tf(s, poses.T_map_camera, poses.T_map_base, stamp)
         self.stats.record(time.perf_counter() - started, self._age(stamp))
 
     def _age(self, stamp) -> float:
