@@ -24,12 +24,14 @@ setup(
     tests_require=["pytest"],
     entry_points={
         "console_scripts": [
-            "posenet_node = ros2_posenet.ros.node:main",
+            "posenet_node = ros2_posenet.ros.entry:posenet_node",
+            "posenet_lifecycle_node = ros2_posenet.ros.entry:posenet_lifecycle_node",
             "train = ros2_posenet.train:main",
             "evaluate = ros2_posenet.evaluate:main",
             "synth-scene = ros2_posenet.data.synthetic:main",
             "relocalize-bag = ros2_posenet.tools.relocalize_bag:main",
             "export = ros2_posenet.tools.export:main",
+            "build-map = ros2_posenet.tools.build_map:main",
             "demo = ros2_posenet.tools.demo:main",
         ],
     },

@@ -27,7 +27,7 @@ from ros2_posenet.checkpoint import load_checkpoint, model_from_checkpoint, prep
 from ros2_posenet.data import build_dataset, collate_pose_batch  # noqa: E402
 from ros2_posenet.geometry import position_error, rotation_error_deg  # noqa: E402
 from ros2_posenet.losses import reprojection_residuals  # noqa: E402
-from ros2_posenet.train import holdout_split, sequence_ids  # noqa: E402
+from ros2_posenet.train import sequence_ids, validation_split  # noqa: E402
 
 
 def frames(checkpoint_payload: dict, split: str, scene: str | None, max_points: int):
@@ -38,8 +38,9 @@ def frames(checkpoint_payload: dict, split: str, scene: str | None, max_points: 
     dataset = build_dataset(data["kind"], root, "test" if split == "test" else "train",
                             preprocess_from_checkpoint(checkpoint_payload), augment=False, max_points=max_points)
     if split in ("train", "val"):
-        train_idx, val_idx = holdout_split(sequence_ids(dataset), data["val_fraction"], data["val_block"])
-        dataset = torch.utils.data.Subset(dataset, val_idx if split == "val" else train_idx)
+        # Checkpoints from before data.val_split used blocks without a gap.
+        held_out = validation_split(sequence_ids(dataset), {"val_split": "blocks", "val_gap": 0, **data})
+        dataset = torch.utils.data.Subset(dataset, held_out.val if split == "val" else held_out.train)
     return dataset
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CPU_BENCHES = ["bench_synthetic.py", "bench_forward.py", "bench_node_latency.py", "bench_training.py", "bench_losses.py"]
+CPU_BENCHES = ["bench_synthetic.py", "bench_forward.py", "bench_node_latency.py", "bench_training.py", "bench_losses.py", "bench_bundler.py", "bench_refine.py", "bench_strecha.py", "bench_relocalize_bag.py", "bench_uncertainty.py"]
 
 
 def main() -> int:

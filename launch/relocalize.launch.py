@@ -2,61 +2,56 @@
 
     ros2 launch ros2_posenet relocalize.launch.py checkpoint:=/path/model.pt image_topic:=/camera/image_raw
 
-Launch arguments override the params file; every other parameter comes from
-``params_file`` (default: the installed config/posenet.yaml).
+Precedence: ``params_file`` (default: the installed config/posenet.yaml), then the launch
+arguments you set; an argument left empty does not override the params file. Every check
+(params file, rviz2 installed, argument types) runs in ``ros2_posenet.ros.launch_plan`` before
+any process starts, so a failed launch leaves nothing running. ``ros2 launch ... --show-args``
+lists the arguments.
 """
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
-from launch_ros.substitutions import FindPackageShare
+
+from ros2_posenet.ros.launch_plan import ARGUMENTS, NODE_NAME, plan_launch
 
 
 def generate_launch_description() -> LaunchDescription:
-    config_dir = PathJoinSubstitution([FindPackageShare("ros2_posenet"), "config"])
     arguments = [
-        DeclareLaunchArgument("checkpoint", description="PoseNet checkpoint (.pt) written by `train`"),
-        DeclareLaunchArgument("image_topic", default_value="/camera/image_raw", description="camera image topic"),
         DeclareLaunchArgument(
-            "compressed", default_value="false", choices=["true", "false"], description="subscribe to sensor_msgs/CompressedImage"
-        ),
-        DeclareLaunchArgument(
-            "params_file", default_value=PathJoinSubstitution([config_dir, "posenet.yaml"]), description="posenet_node parameters"
-        ),
-        DeclareLaunchArgument(
-            "tf_mode",
-            default_value="map_to_camera",
-            choices=["map_to_camera", "map_to_odom", "none"],
-            description="map_to_camera: standalone camera; map_to_odom: robot (REP-105); none: robot_localization publishes map->odom",
-        ),
-        DeclareLaunchArgument("use_sim_time", default_value="false", choices=["true", "false"], description="use /clock (bag replay)"),
-        DeclareLaunchArgument("rviz", default_value="false", choices=["true", "false"], description="start RViz with config/posenet.rviz"),
+            argument.name, default_value=argument.default, description=argument.description,
+            choices=list(argument.choices) if argument.choices else None,
+        )
+        for argument in ARGUMENTS
     ]
-    posenet = Node(
-        package="ros2_posenet",
-        executable="posenet_node",
-        name="posenet_node",
-        output="screen",
-        emulate_tty=True,
-        parameters=[
-            LaunchConfiguration("params_file"),
-            {
-                "checkpoint": LaunchConfiguration("checkpoint"),
-                "image_topic": LaunchConfiguration("image_topic"),
-                "compressed": ParameterValue(LaunchConfiguration("compressed"), value_type=bool),
-                "tf_mode": LaunchConfiguration("tf_mode"),
-                "use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool),
-            },
-        ],
-    )
-    rviz = Node(
-        package="rviz2",
-        executable="rviz2",
-        name="rviz2",
-        arguments=["-d", PathJoinSubstitution([config_dir, "posenet.rviz"])],
-        parameters=[{"use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)}],
-        condition=IfCondition(LaunchConfiguration("rviz")),
-    )
-    return LaunchDescription([*arguments, posenet, rviz])
+    return LaunchDescription([*arguments, OpaqueFunction(function=start_nodes)])
+
+
+def start_nodes(context):
+    """Plan first (raises before anything starts), then the actions."""
+    plan = plan_launch({argument.name: LaunchConfiguration(argument.name).perform(context) for argument in ARGUMENTS})
+    actions = [
+        Node(
+            package="ros2_posenet",
+            executable=plan.executable,
+            name=NODE_NAME,
+            namespace=plan.namespace,
+            output="screen",
+            emulate_tty=True,
+            parameters=plan.parameters,
+            respawn=plan.respawn,
+            respawn_delay=plan.respawn_delay,
+        )
+    ]
+    if plan.rviz_config is not None:
+        actions.append(
+            Node(
+                package="rviz2",
+                executable="rviz2",
+                name="rviz2",
+                namespace=plan.namespace,
+                arguments=["-d", plan.rviz_config],
+                parameters=[{"use_sim_time": bool(plan.use_sim_time)}],
+            )
+        )
+    return actions

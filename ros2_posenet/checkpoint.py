@@ -75,13 +75,20 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read and validate a checkpoint dict; raise :class:`CheckpointError` with advice."""
+# How the node's users choose a checkpoint; command-line tools pass their option (e.g. "--checkpoint").
+CHECKPOINT_PARAMETER = "the `checkpoint` parameter"
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, setting: str = CHECKPOINT_PARAMETER) -> dict:
+    """Read and validate a checkpoint dict; raise :class:`CheckpointError` with advice.
+
+    ``setting`` names where the user gave the path, for the missing-file advice.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist; train one with `train --config config/train_synthetic.yaml` "
-            "or set the `checkpoint` parameter to an existing .pt file"
+            f"or set {setting} to an existing .pt file"
         )
     try:
         # weights_only=False: our checkpoints hold plain dicts/lists only, but older torch lacks the allowlist API.

@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +26,11 @@ from tqdm import tqdm
 
 from .baselines import MeanPoseBaseline, NearestNeighbourBaseline, tiny_image_descriptor
 from .checkpoint import CheckpointError
+from .covariance import REPORT_LEVELS, UNCERTAINTY_METHODS, block_nees, calibration_metrics, pose_residuals
 from .geometry import position_error, quat_canonical, rotation_error_deg
 from .inference import Relocalizer
+from .refine import RefinementConfig, Refiner
+from .scene_map import MapError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ THRESHOLDS = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
 METHOD_MODEL = "posenet"
 METHOD_MEAN = "mean pose"
 METHOD_NN = "nearest neighbour"
+METHOD_REFINED = "posenet + refinement"
+METHOD_RETRIEVAL_REFINED = "retrieval + refinement"
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -148,6 +154,18 @@ def model_forward(model: torch.nn.Module, device: torch.device) -> Forward:
     return forward
 
 
+def covariance_forward(reloc: Relocalizer, sink: list) -> Forward:
+    """:meth:`Relocalizer.forward_batch_with_covariance` as a :data:`Forward`; each batch's
+    per-frame covariances (B, 6, 6) are appended to ``sink`` (in dataset order)."""
+
+    def forward(images: torch.Tensor):
+        t, q, cov = reloc.forward_batch_with_covariance(images)
+        sink.append(cov.cpu())
+        return t.float(), q.float()
+
+    return forward
+
+
 def image_descriptors(dataset, progress: bool = False, desc: str = "descriptors") -> torch.Tensor:
     """Tiny-image descriptors (N, D) of a dataset's raw images (``dataset.load_image``)."""
     base, indices = _unwrap_subset(dataset)
@@ -171,8 +189,23 @@ def evaluate_checkpoint(
     device: str = "auto",
     plots: bool = True,
     progress: bool = False,
+    map_file: str | Path | None = None,
+    refine_config=None,
+    uncertainty: str | None = None,
 ) -> dict:
     """Errors of a checkpoint on one scene's split, with baselines; optionally writes files.
+
+    ``calibration`` holds how well the published per-frame covariance (``uncertainty``; None:
+    the checkpoint's method) fits the model's errors: NEES medians and chi-square coverage
+    (:func:`ros2_posenet.covariance.calibration_metrics`); with plots, ``reliability.png``.
+
+    With ``map_file`` (a :class:`~ros2_posenet.scene_map.SceneMap` from ``build-map``)
+    two more rows: the regressor's poses refined against the map, and retrieval +
+    refinement without the regressor (:func:`refinement_predictions`); rows then carry
+    ``ms_per_frame`` (and the refined ones ``refined_share``, ``median_inliers``): for the
+    regressor its batched prediction time per frame (image decoding included), for a
+    refinement row the mean wall time of ``Refiner.refine`` (plus the regressor's, for
+    ``posenet + refinement``).
 
     Returns a dict with ``scene``, ``split``, ``checkpoint``, ``methods`` (method name ->
     :func:`summarize_errors` dict) and ``files`` (written paths). With ``out_dir`` it
@@ -181,14 +214,31 @@ def evaluate_checkpoint(
     """
     from .data import build_dataset
 
-    reloc = Relocalizer(str(checkpoint), device=device)
+    reloc = Relocalizer(str(checkpoint), device=device, uncertainty=uncertainty, checkpoint_setting="--checkpoint")
     preprocess = reloc.preprocessor.config
     dataset = build_dataset(dataset_kind, root, split, preprocess, augment=False, max_points=0)
     if len(dataset) == 0:
         raise ValueError(f"the {split} split of {root} has no images")
     scene = getattr(dataset, "scene_name", Path(root).name)
-    pred = predict_poses(reloc.forward_batch, dataset, batch_size, workers, progress, desc=f"{scene} {split}")
+    scene_map = None
+    if map_file is not None:
+        from .scene_map import SceneMap
+
+        scene_map = SceneMap.load(map_file)  # fail before the long part
+    started = time.perf_counter()
+    covariances: list[torch.Tensor] = []
+    pred = predict_poses(covariance_forward(reloc, covariances), dataset, batch_size, workers, progress, desc=f"{scene} {split}")
+    model_ms = (time.perf_counter() - started) * 1e3 / len(dataset)
     per_method = {METHOD_MODEL: (pred["pred_t"], pred["pred_q"])}
+    residuals = pose_residuals(pred["pred_t"], pred["pred_q"], pred["true_t"], pred["true_q"])
+    covariance = torch.cat(covariances)
+    extras = {}
+    if scene_map is not None:
+        refined, extras = refinement_predictions(scene_map, dataset, pred["pred_t"], pred["pred_q"],
+                                                 covariance.numpy(), refine_config, progress)
+        per_method.update(refined)
+        extras[METHOD_MODEL] = {"ms_per_frame": model_ms}
+        extras[METHOD_REFINED]["ms_per_frame"] += model_ms  # the refinement runs after the regressor
 
     if baselines:
         train_set = build_dataset(dataset_kind, train_root or root, "train", preprocess, augment=False, max_points=0)
@@ -200,11 +250,19 @@ def evaluate_checkpoint(
         "split": split,
         "checkpoint": str(checkpoint),
         "map_frame": reloc.map_frame,
-        "methods": {name: summarize_errors(*err) for name, err in errors.items()},
+        "methods": {name: {**summarize_errors(*err), **extras.get(name, {})} for name, err in errors.items()},
+        "calibration": {"uncertainty": reloc.uncertainty, **calibration_metrics(residuals, covariance)},
         "files": {},
     }
     if out_dir is not None:
         result["files"] = write_scene_outputs(Path(out_dir), result, dataset, pred, per_method, errors, plots)
+        if plots:
+            from .plots import plot_reliability
+
+            result["files"]["reliability"] = str(plot_reliability(
+                block_nees(residuals, covariance), Path(out_dir) / f"{scene}_reliability.png",
+                f"{scene} ({split}): {reloc.uncertainty} covariance",
+            ))
     return result
 
 
@@ -217,6 +275,49 @@ def baseline_predictions(train_set, query_set, progress: bool = False) -> dict[s
         METHOD_MEAN: mean_pose.predict(len(query_set)),
         METHOD_NN: retrieval.predict(image_descriptors(query_set, progress, "query descriptors")),
     }
+
+
+def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: torch.Tensor, prior_covariance,
+                           config=None, progress: bool = False) -> tuple[dict, dict]:
+    """The regressor's poses refined against ``scene_map``, and retrieval + refinement (no prior).
+
+    Args:
+        prior_t, prior_q: (N, 3), (N, 4) the regressor's poses, in dataset order.
+        prior_covariance: (6, 6) or per frame (N, 6, 6): the regressor's covariance (the gate's prior uncertainty).
+        config: :class:`~ros2_posenet.refine.RefinementConfig` (default settings if None).
+
+    Returns:
+        ``({method: (t (N, 3), q (N, 4))}, {method: {"ms_per_frame", "refined_share", "median_inliers"}})``;
+        a fallback frame keeps the prior (retrieval + refinement: the best retrieved keyframe's pose).
+    """
+    from .geometry import matrix_to_pose, pose_to_matrix
+
+    refiner = Refiner(scene_map, config)
+    base, indices = _unwrap_subset(dataset)
+    prior_covariance = np.asarray(prior_covariance, dtype=float)
+    if prior_covariance.shape == (6, 6):
+        prior_covariance = np.broadcast_to(prior_covariance, (len(indices), 6, 6))
+    poses = {METHOD_REFINED: [], METHOD_RETRIEVAL_REFINED: []}
+    stats = {name: {"ms": [], "refined": [], "inliers": []} for name in poses}
+    for k, i in enumerate(tqdm(indices, desc="refine", leave=False, disable=not progress)):
+        rgb, K = base.load_image(i), base.intrinsics(i)
+        prior = pose_to_matrix(prior_t[k].double().numpy(), prior_q[k].double().numpy())
+        for name, args in ((METHOD_REFINED, (prior, prior_covariance[k])), (METHOD_RETRIEVAL_REFINED, (None, None))):
+            result = refiner.refine(rgb, K, *args)
+            poses[name].append(np.concatenate(matrix_to_pose(result.T)))
+            stats[name]["ms"].append(result.timing_ms["total"])
+            stats[name]["refined"].append(result.refined)
+            stats[name]["inliers"].append(result.inliers)
+    predictions = {
+        name: (torch.tensor(np.array(rows)[:, :3], dtype=torch.float32), torch.tensor(np.array(rows)[:, 3:], dtype=torch.float32))
+        for name, rows in poses.items()
+    }
+    extras = {
+        name: {"ms_per_frame": float(np.mean(s["ms"])), "refined_share": float(np.mean(s["refined"])),
+               "median_inliers": float(np.median(s["inliers"]))}
+        for name, s in stats.items()
+    }
+    return predictions, extras
 
 
 def write_scene_outputs(out_dir: Path, result: dict, dataset, pred: dict, per_method: dict, errors: dict, plots: bool) -> dict:
@@ -279,12 +380,34 @@ def result_rows(results: list[dict]) -> list[dict]:
     ]
 
 
+# Shown only when some row has them (evaluate --map).
+OPTIONAL_COLUMNS = (("ms_per_frame", "ms/frame", "{:.1f}"), ("refined_share", "refined", "{:.1%}"))
+
+
+def format_calibration(results: list[dict]) -> str:
+    """One line per scene: NEES medians and chi-square coverage of the published covariance."""
+    lines = []
+    for r in results:
+        c = r["calibration"]
+        within = lambda k: "/".join(f"{c[f'{k}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)  # noqa: E731
+        lines.append(
+            f"{r['scene']} covariance ({c['uncertainty']}): NEES median position {c['nees_position_median']:.2f}, "
+            f"rotation {c['nees_rotation_median']:.2f} (ideal {c['nees_ideal_median']:.2f}); inside the "
+            f"{'/'.join(str(round(p * 100)) for p in REPORT_LEVELS)} % bounds: position {within('position')}, "
+            f"rotation {within('rotation')}"
+        )
+    return "\n".join(lines)
+
+
 def format_table(results: list[dict]) -> str:
     """Fixed-width text table, one row per scene and method."""
-    header = ["scene", "method", "frames"] + [title for _, title, _ in TABLE_COLUMNS]
+    rows = result_rows(results)
+    columns = TABLE_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if any(c[0] in row for row in rows))
+    header = ["scene", "method", "frames"] + [title for _, title, _ in columns]
     lines = [
-        [row["scene"], row["method"], str(row["frames"])] + [fmt.format(row[key]) for key, _, fmt in TABLE_COLUMNS]
-        for row in result_rows(results)
+        [row["scene"], row["method"], str(row["frames"])]
+        + [fmt.format(row[key]) if key in row else "" for key, _, fmt in columns]
+        for row in rows
     ]
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     render = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -299,7 +422,8 @@ def write_results(results: list[dict], out_dir: str | Path) -> dict[str, Path]:
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     rows = result_rows(results)
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["scene"])
+        fields = list(dict.fromkeys(key for row in rows for key in row)) or ["scene"]  # rows may differ (--map)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     return {"json": json_path, "csv": csv_path}
@@ -314,16 +438,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pose errors of PoseNet checkpoints per scene, beside mean-pose and image-retrieval baselines.",
     )
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt (repeat, paired with --root, for several scenes)")
-    p.add_argument("--dataset", required=True, help="dataset kind, as for training (e.g. cambridge, 7scenes, synthetic)")
+    p.add_argument("--dataset", required=True, help="dataset kind, as for training (e.g. cambridge, 7scenes, bundler)")
     p.add_argument("--root", action="append", required=True, help="scene folder (repeat for several scenes)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--train-root", default=None, help="scene folder holding the training split for the baselines (default: --root)")
     p.add_argument("--out", default=None, help="folder for results.json, results.csv, per-frame CSVs and plots")
     p.add_argument("--no-baselines", action="store_true", help="skip the mean-pose and nearest-neighbour baselines")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--uncertainty", choices=UNCERTAINTY_METHODS, default=None,
+                   help="per-frame covariance to assess (default: the checkpoint's method)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--map", action="append", default=None, metavar="FILE",
+                   help="scene map from build-map (repeat, paired with --root): adds the rows "
+                        "'posenet + refinement' and 'retrieval + refinement' with time per frame")
+    p.add_argument("--refine-config", type=Path, default=None, metavar="YAML",
+                   help="refinement settings (RefinementConfig fields, e.g. config/refine.yaml)")
     return p
 
 
@@ -339,20 +470,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.workers < 0:
         print("evaluate: --batch-size must be >= 1 and --workers >= 0", file=sys.stderr)
         return 2
+    maps = args.map or [None] * len(roots)
+    if len(maps) != len(roots):
+        print(f"evaluate: give one --map per --root (got {len(maps)} and {len(roots)})", file=sys.stderr)
+        return 2
     results = []
     try:
-        for ckpt, root in zip(checkpoints, roots):
+        refine_config = RefinementConfig.from_yaml(args.refine_config) if args.refine_config else None
+        for ckpt, root, map_file in zip(checkpoints, roots, maps):
             results.append(
                 evaluate_checkpoint(
                     ckpt, args.dataset, root, split=args.split, out_dir=args.out, baselines=not args.no_baselines,
                     train_root=args.train_root, batch_size=args.batch_size, workers=args.workers,
-                    device=args.device, plots=not args.no_plots, progress=sys.stderr.isatty(),
+                    device=args.device, plots=not args.no_plots, progress=sys.stderr.isatty(), uncertainty=args.uncertainty,
+                    map_file=map_file, refine_config=refine_config,
                 )
             )
-    except (CheckpointError, ValueError, FileNotFoundError) as err:  # DatasetError is a ValueError
+    except (CheckpointError, MapError, ValueError, FileNotFoundError) as err:  # DatasetError is a ValueError
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     print(format_table(results))
+    print(format_calibration(results))
     if args.out:
         paths = write_results(results, args.out)
         print(f"wrote {paths['json']}, {paths['csv']}" + ("" if args.no_plots else " and plots") + f" in {args.out}")

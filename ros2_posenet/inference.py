@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from .backends import BACKENDS, PRECISIONS, BackendUnavailableError, create_backend  # noqa: F401 (re-exported)
-from .checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-from .covariance import covariance_matrix
+from .checkpoint import CHECKPOINT_PARAMETER, load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+from .covariance import UNCERTAINTY_METHODS, covariance_matrix, scale_covariance, unit_covariances, with_floor
 from .geometry import quat_canonical
-from .preprocess import Preprocessor
+from .preprocess import Preprocessor, geometric_recipe
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,15 @@ class Relocalizer:
     older spelling of ``precision='fp16'``. ``cuda_graph``: the torch backend on CUDA
     replays a captured CUDA graph for single images (no effect elsewhere). An
     explicitly requested backend that cannot run here raises :class:`BackendUnavailableError`.
+    ``checkpoint_setting``: how the caller's user sets the path (e.g. ``"--checkpoint"``), for the
+    missing-checkpoint advice.
+
+    ``uncertainty``: how the per-frame covariance of :class:`PosePrediction` is made —
+    ``fixed`` (one calibrated matrix), ``mc_dropout`` (``mc_samples`` dropout passes of the head
+    after one backbone pass) or ``variance_head``; ``None``: the checkpoint's choice (``fixed``
+    for checkpoints without per-frame calibration). The per-frame methods run the eager torch
+    model (the exported ONNX/TensorRT graphs have neither dropout nor the variance output):
+    with another backend they fall back to ``fixed`` with a warning.
     """
 
     def __init__(
@@ -76,9 +85,12 @@ class Relocalizer:
         compile: bool | str = False,
         cuda_graph: bool = True,
         warmup: bool = True,
+        checkpoint_setting: str = CHECKPOINT_PARAMETER,
+        uncertainty: str | None = None,
+        mc_samples: int | None = None,
     ):
         self.device = resolve_device(device)
-        self.checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+        self.checkpoint = load_checkpoint(checkpoint_path, map_location="cpu", setting=checkpoint_setting)
         preprocess = preprocess_from_checkpoint(self.checkpoint)
         self.preprocessor = Preprocessor(preprocess)
         self.covariance = covariance_matrix(self.checkpoint.get("covariance"))
@@ -91,8 +103,32 @@ class Relocalizer:
         )
         self.device = self.backend.device
         self.half = self.backend.precision == "fp16"
+        self.uncertainty, self.mc_samples, self._scales = self._uncertainty_settings(uncertainty, mc_samples)
         if warmup:
             self.warmup()
+
+    def _uncertainty_settings(self, requested: str | None, mc_samples: int | None) -> tuple[str, int, tuple[float, float]]:
+        """(method, MC samples, (position, rotation) scale) from the request and the checkpoint's calibration."""
+        stored = (self.checkpoint.get("covariance") or {}).get("uncertainty") or {}
+        method = requested or stored.get("method") or "fixed"
+        if method not in UNCERTAINTY_METHODS:
+            raise ValueError(f"uncertainty must be one of {', '.join(UNCERTAINTY_METHODS)}, got {method!r}")
+        samples = int(mc_samples if mc_samples is not None else stored.get("mc_samples", 32))
+        if samples < 2:
+            raise ValueError(f"mc_samples must be >= 2, got {samples}")
+        if method == "fixed":
+            return method, samples, (1.0, 1.0)
+        scales = stored.get("scales", {})
+        if method not in scales:
+            raise ValueError(
+                f"the checkpoint has no calibration for uncertainty {method!r} (it offers: "
+                f"{', '.join(['fixed', *scales])}); retrain with this ros2_posenet or use uncertainty 'fixed'"
+            )
+        if self.backend.name != "torch":
+            log.warning("uncertainty %r needs the torch backend (the exported graph has no dropout and no variance "
+                        "output); backend %s publishes the fixed calibrated covariance", method, self.backend.name)
+            return "fixed", samples, (1.0, 1.0)
+        return method, samples, tuple(float(v) for v in scales[method])
 
     @property
     def backend_name(self) -> str:
@@ -120,22 +156,44 @@ class Relocalizer:
         position, quaternion = self.backend.infer(crops)
         return np.asarray(position, dtype=float), np.asarray(quaternion, dtype=float)
 
-    def prediction(self, position: np.ndarray, quaternion: np.ndarray) -> PosePrediction:
-        """Wrap one finite (3,), (4,) result with the calibrated covariance."""
-        return PosePrediction(position=position.copy(), quaternion=quaternion.copy(), covariance=self.covariance.copy())
+    def forward_crops_with_covariance(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`forward_crops`, plus each frame's calibrated covariance (B, 6, 6) float64."""
+        if self.uncertainty == "fixed":
+            t, q = self.forward_crops(crops)
+            return t, q, np.repeat(self.covariance[None], len(t), axis=0)
+        batch = torch.stack([self.preprocessor.normalize(crop) for crop in crops])
+        t, q, cov = self.forward_batch_with_covariance(batch)
+        return t.double().cpu().numpy(), q.double().cpu().numpy(), cov.cpu().numpy()
+
+    @torch.inference_mode()
+    def forward_batch_with_covariance(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward_batch` plus the per-frame covariance (B, 6, 6) float64 of ``self.uncertainty``."""
+        if self.uncertainty == "fixed":
+            t, q = self.forward_batch(batch)
+            return t, q, torch.from_numpy(self.covariance).expand(len(t), 6, 6).clone()
+        batch = batch.to(self.device, dtype=next(self.model.parameters()).dtype, non_blocking=True)
+        outputs = self.model.uncertainty_outputs(batch, self.mc_samples if self.uncertainty == "mc_dropout" else 0)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        cov = with_floor(scale_covariance(unit_covariances(outputs)[self.uncertainty], *self._scales))
+        return outputs["t"], quat_canonical(outputs["q"]), cov
+
+    def prediction(self, position: np.ndarray, quaternion: np.ndarray, covariance: np.ndarray | None = None) -> PosePrediction:
+        """Wrap one finite (3,), (4,) result with its covariance (default: the fixed calibrated one)."""
+        covariance = self.covariance if covariance is None else covariance
+        return PosePrediction(position=position.copy(), quaternion=quaternion.copy(), covariance=np.array(covariance, dtype=float))
 
     def predict(self, image: np.ndarray) -> PosePrediction:
-        """Pose of the camera that took ``image`` (HxWx3 uint8 RGB)."""
-        t, q = self.forward_crops(self.crop(image)[None])
-        if not finite_rows(t, q)[0]:
+        """Pose of the camera that took ``image`` (HxWx3 uint8 RGB), with its covariance."""
+        t, q, cov = self.forward_crops_with_covariance(self.crop(image)[None])
+        if not (finite_rows(t, q)[0] and np.all(np.isfinite(cov[0]))):
             raise NonFiniteOutputError("network output is not finite")
-        return self.prediction(t[0], q[0])
+        return self.prediction(t[0], q[0], cov[0])
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[PosePrediction | None]:
         """Poses of several images in one backend call; ``None`` where the output is not finite."""
-        t, q = self.forward_crops(np.stack([self.crop(image) for image in images]))
-        ok = finite_rows(t, q)
-        return [self.prediction(t[i], q[i]) if ok[i] else None for i in range(len(images))]
+        t, q, cov = self.forward_crops_with_covariance(np.stack([self.crop(image) for image in images]))
+        ok = finite_rows(t, q) & np.all(np.isfinite(cov), axis=(1, 2))
+        return [self.prediction(t[i], q[i], cov[i]) if ok[i] else None for i in range(len(images))]
 
     # ---- torch-only helpers on normalised float batches (evaluation, tests)
 
@@ -169,7 +227,9 @@ def export_metadata(checkpoint: dict) -> dict[str, str]:
     """What a deployed graph needs besides its weights (stored as ONNX metadata / TorchScript extra file)."""
     return {
         "ros2_posenet.format": "ros2_posenet.exported_model",
-        "input": "image: uint8 (B, crop, crop, 3) RGB NHWC, after resize shorter side + centre crop",
+        "input": "image: uint8 (B, crop, crop, 3) RGB NHWC, after resize shorter side + centre crop (see preprocessing)",
+        "preprocessing": geometric_recipe(preprocess_from_checkpoint(checkpoint)),
+        "resize_interpolation": "cv2.INTER_AREA when shrinking, cv2.INTER_LINEAR when enlarging",
         "outputs": "position: float32 (B, 3) metres; orientation: float32 (B, 4) quaternion w,x,y,z, w>=0",
         "pose_convention": checkpoint.get("pose_convention", ""),
         "preprocess": json.dumps(checkpoint["preprocess"]),

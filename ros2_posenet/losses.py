@@ -164,6 +164,21 @@ def build_loss(config: dict) -> nn.Module:
         raise ValueError(f"bad options for loss {kind!r}: {err}") from None
 
 
+def variance_head_nll(
+    log_variance: torch.Tensor, pred_t: torch.Tensor, pred_q: torch.Tensor, true_t: torch.Tensor, true_q: torch.Tensor
+) -> torch.Tensor:
+    """Gaussian negative log-likelihood (without its constant) of the pose residuals under the
+    predicted diagonal variances: mean over the batch of ``0.5 · Σ_k (r_k² e^{-s_k} + s_k)``.
+
+    The residuals (position, rotation vector; see :func:`ros2_posenet.covariance.pose_residuals`)
+    are detached: this term trains only the variance head, never the pose.
+    """
+    from .covariance import pose_residuals
+
+    r = pose_residuals(pred_t.detach(), pred_q.detach(), true_t, true_q).to(log_variance.dtype)
+    return 0.5 * (r.pow(2) * torch.exp(-log_variance) + log_variance).sum(-1).mean()
+
+
 def parameter_groups(model: nn.Module, criterion: nn.Module, weight_decay: float) -> list[dict]:
     """Optimiser groups: model weights with weight decay, loss parameters (ŝx, ŝq) without."""
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]

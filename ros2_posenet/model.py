@@ -37,6 +37,9 @@ class ModelConfig:
     hidden_dim: int = 2048
     dropout: float = 0.5
     pretrained: bool = True
+    # A linear layer on the (detached) head features predicting per-frame log-variances of
+    # the 6 pose residuals, trained with the Gaussian NLL (losses.VarianceHeadNLL).
+    variance_head: bool = False
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -45,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be positive, got {self.hidden_dim}")
+        if not isinstance(self.variance_head, bool):
+            raise ValueError(f"variance_head must be true or false, got {self.variance_head!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +101,8 @@ class PoseNet(nn.Module):
     ``forward(images (B, 3, H, W)) -> (t (B, 3), q (B, 4))``: camera-to-world position
     and unit quaternion (w, x, y, z), see :mod:`ros2_posenet.geometry`.
     Dropout layers are ``nn.Dropout`` modules so ``eval()`` disables them and
-    Monte-Carlo dropout can be enabled deliberately with :meth:`enable_mc_dropout`.
+    Monte-Carlo dropout can be enabled deliberately with :meth:`enable_mc_dropout`
+    (batched and cheap: :meth:`uncertainty_outputs`).
 
     For fine-tuning, ``freeze_batchnorm`` keeps BatchNorm layers on their running
     statistics and ``train_dropout = False`` switches dropout off even in ``train()``
@@ -122,10 +128,28 @@ class PoseNet(nn.Module):
         # Start at the identity rotation so early quaternion normalisation is well defined.
         with torch.no_grad():
             self.fc_rotation.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        self.fc_log_variance = nn.Linear(self.config.hidden_dim, 6) if self.config.variance_head else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.head(torch.flatten(self.backbone(images), 1))
-        return self.fc_position(features), quat_normalize(self.fc_rotation(features))
+        return self.pose(self.head(self.features(images)))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, F) of images (B, 3, H, W): everything before the head."""
+        return torch.flatten(self.backbone(images), 1)
+
+    def pose(self, head_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t (B, 3), unit q (B, 4)) from the head's output (B, hidden_dim)."""
+        return self.fc_position(head_features), quat_normalize(self.fc_rotation(head_features))
+
+    def forward_with_log_variance(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t, q, log_variance (B, 6))``: the variance head's per-frame log-variances of the
+        residual (x, y, z in m², rotation vector in rad²). Its input is detached, so training it
+        never changes the pose network."""
+        if self.fc_log_variance is None:
+            raise RuntimeError("this PoseNet has no variance head (ModelConfig.variance_head is false)")
+        head_features = self.head(self.features(images))
+        t, q = self.pose(head_features)
+        return t, q, self.fc_log_variance(head_features.detach())
 
     def train(self, mode: bool = True) -> "PoseNet":
         super().train(mode)
@@ -143,6 +167,44 @@ class PoseNet(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.train()
+
+    def uncertainty_outputs(self, images: torch.Tensor, mc_samples: int = 0) -> dict[str, torch.Tensor]:
+        """The eval-mode pose and what per-frame uncertainty needs, from one backbone pass.
+
+        Returns ``t`` (B, 3), ``q`` (B, 4) of the deterministic network (the published pose);
+        with ``mc_samples`` > 0 the Monte-Carlo dropout samples (Bayesian PoseNet, Kendall &
+        Cipolla, ICRA 2016) ``t_samples`` (B, S, 3), ``q_samples`` (B, S, 4); with a variance
+        head ``log_variance`` (B, 6).
+
+        Dropout sits after the backbone only (the head, and GoogLeNet's last layer), so the
+        backbone runs once and the ``mc_samples`` stochastic copies of its features go through
+        the head as one batch: the cost is one forward plus ``mc_samples`` head evaluations.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            features = self.features(images)
+            head_features = self.head(features)
+            t, q = self.pose(head_features)
+            out = {"t": t, "q": q}
+            if self.fc_log_variance is not None:
+                out["log_variance"] = self.fc_log_variance(head_features)
+            if mc_samples > 0:
+                if self.config.dropout <= 0:
+                    raise ValueError("Monte-Carlo dropout needs a model trained with dropout > 0")
+                repeated = features.repeat_interleave(mc_samples, dim=0)
+                tail = getattr(self.backbone, "dropout", None)  # GoogLeNet drops its pooled features
+                if isinstance(tail, nn.Dropout):
+                    repeated = nn.functional.dropout(repeated, tail.p, training=True)
+                for module in self.head.modules():
+                    if isinstance(module, nn.Dropout):
+                        module.train()
+                t_s, q_s = self.pose(self.head(repeated))
+                out["t_samples"] = t_s.view(len(t), mc_samples, 3)
+                out["q_samples"] = q_s.view(len(t), mc_samples, 4)
+        finally:
+            self.train(was_training)
+        return out
 
     def set_position_offset(self, mean_position: torch.Tensor) -> None:
         """Initialise the position bias to the training set's mean position.

@@ -76,6 +76,35 @@ def plot_trajectory(
     return _save(fig, path)
 
 
+def plot_reliability(nees_by_block: dict[str, np.ndarray], path: str | Path, title: str = "", dof: int = 3) -> Path:
+    """Reliability diagram of a covariance: expected vs observed share of frames inside each
+    chi-square bound (the diagonal is perfect calibration; below it: over-confident).
+
+    Args:
+        nees_by_block: name (e.g. position, rotation) -> per-frame NEES (N,) with ``dof`` degrees of freedom.
+    """
+    from .covariance import chi2_ppf
+
+    levels = np.linspace(0.01, 0.99, 99)
+    bounds = chi2_ppf(levels, dof)
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect")
+    for name, values in nees_by_block.items():
+        values = np.asarray(values, dtype=float)
+        observed = [(values <= b).mean() for b in bounds]
+        ax.plot(levels, observed, label=f"{name} (NEES median {np.median(values):.2f})")
+    ideal = float(chi2_ppf(0.5, dof))
+    ax.set_xlabel("expected share inside the chi-square bound")
+    ax.set_ylabel("observed share of frames")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", title=f"ideal NEES median {ideal:.2f}")
+    ax.set_title(title or "covariance reliability")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,22 @@ def check_rgb_image(image: np.ndarray) -> None:
         raise ValueError(f"expected uint8 pixels, got {image.dtype}")
 
 
+def geometric_recipe(config: PreprocessConfig) -> str:
+    """The exact resize + centre crop of :meth:`Preprocessor.geometric`, in words, for exported models.
+
+    Other interpolations (bilinear, PIL, torchvision) move the predictions by up to
+    decimetres and degrees, so deployed graphs carry this text in their metadata.
+    """
+    r, c = config.resize, config.crop
+    return (
+        f"RGB uint8 image H x W -> s = {r} / min(H, W); h = max({r}, round(H * s)), w = max({r}, round(W * s)) "
+        "(round half to even, as Python's round); "
+        "OpenCV cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if h < H else cv2.INTER_LINEAR); "
+        f"centre crop y0 = (h - {c}) // 2, x0 = (w - {c}) // 2, crop = resized[y0:y0+{c}, x0:x0+{c}]; "
+        f"feed uint8 NHWC (B, {c}, {c}, 3), RGB order"
+    )
+
+
 class Preprocessor:
     """Image (HxWx3 uint8 RGB) [+ intrinsics] -> normalised tensor (3, crop, crop) [+ intrinsics]."""
 

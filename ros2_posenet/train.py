@@ -18,11 +18,13 @@ values parsed as YAML). Output folder layout::
     <train.out_dir>/<stage>/last.pt    latest checkpoint, with optimiser and RNG state for --resume
 
 Validation: unless ``data.val`` says otherwise, a held-out subset of the *training*
-images — every k-th contiguous block of ``data.val_block`` frames of each training
-sequence (k = 1/``data.val_fraction``) — so the test split stays untouched for the
-final report. Contiguous blocks rather than random frames, because neighbouring
-video frames are near-duplicates and would make validation look better than test.
-The same held-out predictions calibrate the pose covariance stored in checkpoints.
+images, so the test split stays untouched for the final report: whole training
+sequences, or blocks of consecutive frames with a gap of ``data.val_gap`` frames
+dropped on both sides (``data.val_split``, see :mod:`ros2_posenet.data.split`).
+Neighbouring video frames are near-duplicates; validation on them would measure
+interpolation and look better than deployment. The same held-out predictions select
+``best.pt`` and calibrate every per-frame covariance method stored in checkpoints
+(``uncertainty`` in the config, :mod:`ros2_posenet.covariance`).
 
 Under ``torchrun --nproc_per_node=N`` the same script trains with
 DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 validates and writes.
@@ -50,12 +52,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .covariance import calibrate
+from .covariance import calibrate_methods, unit_covariances
 from .data import DatasetError
+from .data.split import Split, block_split, split_frames
 from .evaluate import METHOD_MEAN, METHOD_MODEL, dataset_poses, model_forward, pose_errors, predict_poses, summarize_errors
 from .baselines import MeanPoseBaseline
 from .inference import resolve_device
-from .losses import build_loss, parameter_groups
+from .losses import build_loss, parameter_groups, variance_head_nll
 from .model import ModelConfig, PoseNet
 from .preprocess import PreprocessConfig
 from .train_config import (  # noqa: F401 (load_config, apply_override: public API of train too)
@@ -152,25 +155,15 @@ def sequence_ids(dataset) -> list[str]:
     return ids
 
 
-def holdout_split(ids: list[str], fraction: float, block: int) -> tuple[list[int], list[int]]:
-    """Split frame indices into ``(train, val)`` by contiguous blocks of each sequence.
+def holdout_split(ids: list[str], fraction: float, block: int, gap: int = 0) -> tuple[list[int], list[int]]:
+    """``(train, val)`` indices of the block split (see :func:`ros2_posenet.data.split.block_split`)."""
+    split = block_split(ids, fraction, block, gap)
+    return split.train, split.val
 
-    Every sequence is cut into blocks of ``block`` consecutive frames and every k-th
-    block (k = round(1/fraction), the middle one of each group of k) is held out.
-    Should no block qualify (sequences shorter than k blocks), every k-th frame is
-    held out instead so tiny datasets still get a validation set.
-    """
-    k = max(2, round(1 / fraction))
-    position: dict[str, int] = defaultdict(int)
-    val = []
-    for i, seq in enumerate(ids):
-        if (position[seq] // block) % k == k // 2:
-            val.append(i)
-        position[seq] += 1
-    if not val:
-        val = list(range(k // 2, len(ids), k))
-    val_set = set(val)
-    return [i for i in range(len(ids)) if i not in val_set], val
+
+def validation_split(ids: list[str], data: dict) -> Split:
+    """The held-out split the ``data`` config section asks for (``val_split``, ``val_fraction``, ``val_block``, ``val_gap``)."""
+    return split_frames(ids, data["val_split"], data["val_fraction"], data["val_block"], data["val_gap"])
 
 
 def build_dataset(kind: str, root: str, split: str, preprocess: PreprocessConfig, **kwargs):
@@ -203,13 +196,13 @@ class DataBundle:
         self.val = None
         train_idx = list(range(len(train_full)))
         if data["val"] == "holdout":
-            train_idx, val_idx = holdout_split(sequence_ids(train_full), data["val_fraction"], data["val_block"])
+            split = validation_split(sequence_ids(train_full), data)
             plain = build_dataset(data["kind"], data["root"], "train", preprocess, augment=False, max_points=0)
-            self.val = Subset(plain, val_idx)
-            self.val_description = (
-                f"holdout: {len(val_idx)} training frames held out (every {max(2, round(1 / data['val_fraction']))}th "
-                f"block of {data['val_block']} consecutive frames per sequence)"
-            )
+            train_idx, self.val = split.train, Subset(plain, split.val)
+            if not split.train:
+                raise TrainingError(f"the validation split leaves no training frames ({split.description}); "
+                                    "lower data.val_gap or data.val_fraction")
+            self.val_description = f"holdout by {split.description}"
         elif data["val"] == "test":
             self.val = build_dataset(data["kind"], data["root"], "test", preprocess, augment=False, max_points=0)
             self.val_description = f"test split ({len(self.val)} frames): validation figures are TEST figures"
@@ -258,10 +251,18 @@ class TrainStep(nn.Module):
         self.autocast, self.amp_dtype, self.device_type = autocast, amp_dtype, device_type
 
     def forward(self, images: torch.Tensor, batch: dict):
+        log_variance = None
         with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.autocast):
-            t, q = self.model(images)
+            if self.model.fc_log_variance is not None:
+                t, q, log_variance = self.model.forward_with_log_variance(images)
+            else:
+                t, q = self.model(images)
         # Losses in fp32: quaternion residuals and pixel errors need the precision.
-        return self.criterion(t.float(), q.float(), batch)
+        loss, stats = self.criterion(t.float(), q.float(), batch)
+        if log_variance is not None:
+            nll = variance_head_nll(log_variance.float(), t.float(), q.float(), batch["position"], batch["rotation"])
+            loss, stats = loss + nll, {**stats, "loss_variance_nll": nll.detach()}
+        return loss, stats
 
 
 def position_lr_scale(cfg: dict, train_t: torch.Tensor) -> float:
@@ -321,7 +322,13 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         if clip_grad_norm is not None:
             scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(step.parameters(), clip_grad_norm)
+            # The variance head is clipped on its own, so it never changes how the pose network is clipped.
+            pose_params, variance_params = [], []
+            for name, p in step.named_parameters():
+                (variance_params if "fc_log_variance" in name else pose_params).append(p)
+            norm = torch.nn.utils.clip_grad_norm_(pose_params, clip_grad_norm)
+            if variance_params:
+                torch.nn.utils.clip_grad_norm_(variance_params, clip_grad_norm)
             if torch.isfinite(norm):  # fp16 overflow steps are skipped by the scaler; keep them out of the mean
                 stats["grad_norm"] = norm
         scaler.step(optimizer)
@@ -356,13 +363,32 @@ def validation_score(metrics: dict, reference: dict) -> float:
 
 @torch.no_grad()
 def validate(model: PoseNet, dataset, cfg: dict, device: torch.device) -> tuple[dict, dict]:
-    """Median/mean errors of the eval-mode model on ``dataset`` and the covariance they calibrate."""
+    """Median/mean errors of the eval-mode model on ``dataset`` and the covariance they calibrate.
+
+    Returns ``(metrics, covariance)``; ``covariance`` is the ``fixed`` calibration with every
+    per-frame method's calibration under ``covariance["uncertainty"]`` (see
+    :func:`ros2_posenet.covariance.calibrate_methods`).
+    """
     was_training = model.training
     model.eval()
-    pred = predict_poses(model_forward(model, device), dataset, cfg["optim"]["batch_size"], cfg["train"]["workers"])
+    unc = cfg["uncertainty"]
+    mc_samples = unc["mc_samples"] if model.config.dropout > 0 else 0
+    covs: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def forward(images: torch.Tensor):
+        outputs = model.uncertainty_outputs(images.to(device, non_blocking=True), mc_samples)
+        for name, cov in unit_covariances(outputs).items():
+            covs[name].append(cov.cpu())
+        return outputs["t"].float(), outputs["q"].float()
+
+    pred = predict_poses(forward, dataset, cfg["optim"]["batch_size"], cfg["train"]["workers"])
     model.train(was_training)
     metrics = summarize_errors(*pose_errors(pred["pred_t"], pred["pred_q"], pred["true_t"], pred["true_q"]))
-    return metrics, calibrate(pred["pred_t"], pred["pred_q"], pred["true_t"], pred["true_q"])
+    fixed, uncertainty = calibrate_methods(
+        pred["pred_t"], pred["pred_q"], pred["true_t"], pred["true_q"],
+        {name: torch.cat(c) for name, c in covs.items()}, unc["method"], unc["mc_samples"],
+    )
+    return metrics, {**fixed, "uncertainty": uncertainty}
 
 
 class Trainer:

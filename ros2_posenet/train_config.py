@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from .covariance import UNCERTAINTY_METHODS
 from .data.augment import Augmentation
+from .data.split import VAL_SPLITS
 from .losses import build_loss
 from .model import ModelConfig
 from .preprocess import PreprocessConfig
@@ -42,11 +44,25 @@ DEFAULTS: dict = {
         "random_crop": True,  # PoseNet's random crop (its label noise: see data/augment.py)
         "rotation_deg": 0.0,  # rotated views by homography, labels exact; 0 disables
         "color_jitter": 0.0,  # brightness/contrast/saturation strength
-        "val": "holdout",  # holdout (blocks of the training sequences) | test | none
+        # Validation (ros2_posenet.data.split): holdout (frames of the training split) | test | none.
+        # val_split: sequences (whole held-out sequences) | blocks (blocks of consecutive frames,
+        # frames within val_gap of a block dropped from both sets) | auto (sequences when there
+        # are >= 3 training sequences, else blocks). It selects best.pt and calibrates the covariance.
+        # Default: blocks without a gap, whose validation predicted the synthetic scene's test
+        # trajectory best (bench/RESULTS.md, issue #14); real-data configs use auto.
+        "val": "holdout",
+        "val_split": "blocks",
         "val_fraction": 0.1,
         "val_block": 10,
+        "val_gap": 0,
     },
-    "model": {"backbone": "googlenet", "hidden_dim": 2048, "dropout": 0.5, "pretrained": True},
+    "model": {"backbone": "googlenet", "hidden_dim": 2048, "dropout": 0.5, "pretrained": True, "variance_head": False},
+    # Per-frame covariance published with each pose (ros2_posenet.covariance): fixed (one
+    # calibrated matrix), mc_dropout (spread of mc_samples dropout passes of the head) or
+    # variance_head (needs model.variance_head). Every available method is calibrated on the
+    # validation split and stored; this picks the one the node uses by default. fixed was the
+    # best calibrated on the synthetic test trajectory (bench/RESULTS.md).
+    "uncertainty": {"method": "fixed", "mc_samples": 32},
     "preprocess": {"resize": 256, "crop": 224},
     # loss_lr: learning rate of ŝx, ŝq (null: the stage's lr). Adam moves a parameter by
     # about lr per step, so with short schedules a larger loss_lr lets the weighting adapt.
@@ -230,7 +246,7 @@ def validate_config(config: dict) -> dict:
     cfg["stages"] = copy.deepcopy(config.get("stages", DEFAULTS["stages"]))
 
     data = cfg["data"]
-    _require(isinstance(data["kind"], str) and data["kind"], "data.kind is required (e.g. cambridge, 7scenes, synthetic)")
+    _require(isinstance(data["kind"], str) and data["kind"], "data.kind is required (e.g. cambridge, 7scenes, bundler)")
     _require(isinstance(data["root"], str) and data["root"], "data.root is required: the scene folder")
     _require(_is_int(data["max_points"]) and data["max_points"] >= 0, f"data.max_points must be an integer >= 0, got {data['max_points']!r}")
     _require(isinstance(data["augment"], bool), f"data.augment must be true or false, got {data['augment']!r}")
@@ -241,6 +257,8 @@ def validate_config(config: dict) -> dict:
     _require(data["val"] in ("holdout", "test", "none"), f"data.val must be holdout, test or none, got {data['val']!r}")
     _require(_is_number(data["val_fraction"]) and 0 < data["val_fraction"] <= 0.5, f"data.val_fraction must be in (0, 0.5], got {data['val_fraction']!r}")
     _require(_is_int(data["val_block"]) and data["val_block"] >= 1, f"data.val_block must be an integer >= 1, got {data['val_block']!r}")
+    _require(data["val_split"] in VAL_SPLITS, f"data.val_split must be one of {', '.join(VAL_SPLITS)}, got {data['val_split']!r}")
+    _require(_is_int(data["val_gap"]) and data["val_gap"] >= 0, f"data.val_gap must be an integer >= 0, got {data['val_gap']!r}")
 
     try:
         ModelConfig.from_dict(cfg["model"])
@@ -250,6 +268,8 @@ def validate_config(config: dict) -> dict:
         PreprocessConfig.from_dict(cfg["preprocess"])
     except (TypeError, ValueError) as err:
         raise ConfigError(f"preprocess: {err}") from None
+
+    _validate_uncertainty(cfg)
 
     optim = cfg["optim"]
     _require(_is_number(optim["lr"]) and optim["lr"] > 0, f"optim.lr must be a positive number, got {optim['lr']!r}")
@@ -282,6 +302,17 @@ def validate_config(config: dict) -> dict:
         cfg["loss"] = None
     cfg["stages"] = _validate_stages(cfg["stages"])
     return cfg
+
+
+def _validate_uncertainty(cfg: dict) -> None:
+    unc = cfg["uncertainty"]
+    _require(isinstance(unc, dict), f"uncertainty must be a mapping like {{method: mc_dropout}}, got {unc!r}")
+    _require(unc["method"] in UNCERTAINTY_METHODS, f"uncertainty.method must be one of {', '.join(UNCERTAINTY_METHODS)}, got {unc['method']!r}")
+    _require(_is_int(unc["mc_samples"]) and unc["mc_samples"] >= 2, f"uncertainty.mc_samples must be an integer >= 2, got {unc['mc_samples']!r}")
+    if unc["method"] == "mc_dropout":
+        _require(cfg["model"]["dropout"] > 0, "uncertainty.method mc_dropout needs model.dropout > 0 (or use fixed)")
+    if unc["method"] == "variance_head":
+        _require(cfg["model"]["variance_head"] is True, "uncertainty.method variance_head needs model.variance_head: true")
 
 
 def _validate_stages(stages) -> list[dict]:

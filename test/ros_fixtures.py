@@ -29,13 +29,7 @@ from ros2_posenet.model import ModelConfig, PoseNet
 from ros2_posenet.preprocess import PreprocessConfig, Preprocessor
 
 
-def isolate_ros_domain() -> None:
-    """Keep this test process's DDS traffic away from other runs on the machine.
-
-    Must run before ``rclpy.init``; respects a ROS_DOMAIN_ID chosen by the caller.
-    """
-    os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+from ros_domain import isolate_ros_domain  # noqa: E402,F401  (light module: no torch import)
 
 
 # ----------------------------------------------------------------------------- scene
@@ -181,7 +175,7 @@ def tiny_trained_checkpoint(tmp_path_factory, frames: int = 12, steps: int = 60)
     return _SCENE_CACHE[key]
 
 
-def overflow_checkpoint(path: Path) -> Path:
+def overflow_checkpoint(path: Path, map_frame: str = "map") -> Path:
     """A hand-set PoseNet whose output is finite for dark images and infinite for bright-red ones.
 
     All weights are non-negative and every BatchNorm is the identity, except the
@@ -207,7 +201,7 @@ def overflow_checkpoint(path: Path) -> Path:
         model.backbone.bn1.bias.fill_(-1.0)
         model.fc_position.weight.fill_(1e38)
         model.fc_rotation.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
-    return save_checkpoint(path, model, PREPROCESS, map_frame="map")
+    return save_checkpoint(path, model, PREPROCESS, map_frame=map_frame)
 
 
 # ----------------------------------------------------------------------------- ROS harness
@@ -311,8 +305,8 @@ class Probe:
         self.node.destroy_node()
 
 
-def make_posenet_node(context, namespace: str, **parameters):
-    """In-process PoseNetNode in ``namespace`` with parameter overrides.
+def make_posenet_node(context, namespace: str, node_class=None, **parameters):
+    """In-process PoseNetNode (or ``node_class``, e.g. PoseNetLifecycleNode) in ``namespace`` with parameter overrides.
 
     Defaults: CPU, one inference thread (oversubscribed threads were ~50x slower on
     the shared test machine; callers restore torch's thread count), relative image
@@ -324,4 +318,4 @@ def make_posenet_node(context, namespace: str, **parameters):
 
     parameters = {"device": "cpu", "cpu_threads": 1, "image_topic": "camera/image_raw", "max_image_age": 5.0, **parameters}
     overrides = [Parameter(name, value=value) for name, value in parameters.items()]
-    return PoseNetNode(context=context, namespace=namespace, parameter_overrides=overrides)
+    return (node_class or PoseNetNode)(context=context, namespace=namespace, parameter_overrides=overrides)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import ros_fixtures
+from ros2_posenet.evaluate import METHOD_REFINED
 from ros2_posenet.tools.demo import main
 
 ros_fixtures.isolate_ros_domain()
@@ -29,3 +30,11 @@ def test_demo_runs_end_to_end_and_the_node_agrees_with_offline_evaluation(tmp_pa
     assert len(rows) == 6 and all(r["frame_id"] == "map" for r in rows)
     report = (run_dir / "report.md").read_text()
     assert "answered 6 of 6 images" in report and "error_cdf" in report
+
+    # The node with the scene map refines as the offline evaluation does (same Refiner, same priors).
+    refined = json.loads((run_dir / "node_summary_refined.json").read_text())
+    assert refined["answered"] == 6 and refined["refined"] + refined["fallback"] == 6
+    offline_refined = json.loads((run_dir / "eval" / "results.json").read_text())[0]["methods"][METHOD_REFINED]
+    assert refined["refined"] == round(offline_refined["refined_share"] * 6)
+    assert refined["median_position_m"] == pytest.approx(offline_refined["median_position_m"], abs=0.01)
+    assert "The node with the scene map" in report

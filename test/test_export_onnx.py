@@ -109,3 +109,39 @@ def test_inference_module_takes_uint8_nhwc_and_leaves_model_shared(checkpoint, c
         t, q = module(torch.from_numpy(crops))
     assert t.shape == (3, 3) and q.shape == (3, 4) and t.dtype == q.dtype == torch.float32
     torch.testing.assert_close(q.norm(dim=1), torch.ones(3))
+
+
+def documented_recipe(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """The resize + centre crop exactly as README and the model's `preprocessing` metadata describe it."""
+    import cv2
+
+    H, W = image.shape[:2]
+    s = resize / min(H, W)
+    h, w = max(resize, round(H * s)), max(resize, round(W * s))
+    resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if h < H else cv2.INTER_LINEAR)
+    y0, x0 = (h - crop) // 2, (w - crop) // 2
+    return resized[y0 : y0 + crop, x0 : x0 + crop]
+
+
+@pytest.fixture(scope="module")
+def exported_session(checkpoint, tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("recipe") / "posenet"
+    assert main([str(checkpoint), "--out-prefix", str(prefix), "--format", "onnx", "--verify-samples", "0"]) == 0
+    return ort.InferenceSession(str(prefix) + ".onnx", providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("shape", [(90, 121, 3), (41, 50, 3)], ids=["shrink", "enlarge"])
+def test_exported_onnx_with_documented_recipe_predicts_like_the_node(checkpoint, exported_session, shape):
+    meta = exported_session.get_modelmeta().custom_metadata_map
+    pre = json.loads(meta["preprocess"])
+    assert "cv2.INTER_AREA if h < H else cv2.INTER_LINEAR" in meta["preprocessing"]
+    assert meta["resize_interpolation"].startswith("cv2.INTER_AREA when shrinking")
+
+    image = np.random.default_rng(5).integers(0, 256, shape, dtype=np.uint8)
+    reloc = Relocalizer(str(checkpoint), device="cpu", backend="torch", warmup=False)
+    crop = documented_recipe(image, pre["resize"], pre["crop"])
+    np.testing.assert_array_equal(crop, reloc.crop(image))  # the recipe is the node's preprocessing, pixel for pixel
+    t, q = exported_session.run(["position", "orientation"], {"image": np.ascontiguousarray(crop)[None]})
+    expected = reloc.predict(image)
+    np.testing.assert_allclose(t[0], expected.position, atol=1e-5)
+    np.testing.assert_allclose(q[0], expected.quaternion, atol=1e-5)

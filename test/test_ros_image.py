@@ -115,3 +115,57 @@ def test_truncated_compressed_image_is_reported_not_half_decoded(fmt):
 def test_to_rgb8_rejects_unknown_encoding():
     with pytest.raises(ImageConversionError, match="bayer"):
         to_rgb8(RGB, "bayer_rggb8")
+
+
+@pytest.mark.parametrize("fmt, params", [("png", []), ("jpeg", []), ("jpeg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])])
+def test_compressed_size_is_read_from_the_header(fmt, params):
+    from ros2_posenet.ros.image import compressed_size, sniff_codec
+
+    ok, buf = cv2.imencode("." + fmt, RNG.integers(0, 256, size=(37, 53, 3), dtype=np.uint8), params)
+    assert sniff_codec(buf) == fmt and compressed_size(buf, fmt) == (53, 37)
+
+
+def test_images_over_max_pixels_are_refused_before_decoding():
+    big = np.zeros((40, 50, 3), np.uint8)
+    for msg in (compressed_msg(big, "png"), compressed_msg(big, "jpeg"), image_msg(big, "rgb8")):
+        assert msg_to_rgb(msg, max_pixels=2000).shape == (40, 50, 3)  # exactly at the cap
+        with pytest.raises(ImageConversionError, match="50x40 image has 2000 pixels, more than max_image_pixels 1999") as info:
+            msg_to_rgb(msg, max_pixels=1999)
+        assert info.value.reason == "image_too_large"
+
+
+def test_a_format_string_naming_the_other_codec_is_reported_and_the_bytes_win():
+    smooth = cv2.resize(RGB, (64, 48), interpolation=cv2.INTER_LINEAR)
+    msg = compressed_msg(smooth, "png")
+    msg.format = "bgr8; jpeg compressed bgr8"
+    notes = []
+    np.testing.assert_array_equal(msg_to_rgb(msg, on_format_mismatch=notes.append), smooth)
+    assert notes == ["compressed image format 'bgr8; jpeg compressed bgr8' but the data is PNG"]
+    assert msg_to_rgb(compressed_msg(smooth, "png"), on_format_mismatch=notes.append) is not None and len(notes) == 1
+
+
+@pytest.mark.parametrize(
+    "msg, text",
+    [
+        (CompressedImage(format="png", data=b"GIF89a" + bytes(100)), "neither PNG nor JPEG"),
+        (CompressedImage(format="png", data=b"\x89PNG\r\n\x1a\n" + bytes(8)), "no valid PNG header"),
+        (CompressedImage(format="jpeg", data=b"\xff\xd8\xff\xe0\x00\x10JFIF"), "no valid JPEG header"),
+    ],
+)
+def test_compressed_data_that_is_not_a_jpeg_or_png_is_corrupt(msg, text):
+    with pytest.raises(ImageConversionError, match=text) as info:
+        msg_to_rgb(msg)
+    assert info.value.reason == "corrupt_compressed"
+
+
+def test_compressed_depth_is_not_a_camera_image():
+    with pytest.raises(ImageConversionError, match="compressed depth") as info:
+        msg_to_rgb(CompressedImage(format="16UC1; compressedDepth png", data=b"\x00" * 12 + b"\x89PNG\r\n\x1a\n"))
+    assert info.value.reason == "unsupported_encoding"
+
+
+def test_an_unpadded_rgb8_image_reaches_the_network_without_a_copy():
+    msg = image_msg(RGB, "rgb8")
+    out = msg_to_rgb(msg)
+    assert np.shares_memory(out, np.frombuffer(msg.data, np.uint8))  # a view of the message buffer
+    np.testing.assert_array_equal(out, RGB)

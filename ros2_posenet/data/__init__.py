@@ -1,4 +1,5 @@
-"""Pose datasets: Cambridge Landmarks, 7-Scenes and the synthetic scene that writes both.
+"""Pose datasets: Cambridge Landmarks, 7-Scenes, Bundler reconstructions (Dubrovnik 6K),
+posed photographs without depth (Strecha format) and the synthetic scene that writes the first three.
 
 ``build_dataset(kind, root, split, preprocess, augment, ...)`` is the one entry
 point of the trainer and tools; items and batches follow the contract in
@@ -11,26 +12,35 @@ from pathlib import Path
 from ..preprocess import PreprocessConfig, Preprocessor
 from .cambridge import CambridgeLandmarks, NvmReconstruction, read_nvm
 from .augment import Augmentation, color_jitter
+from .bundler import BundleReconstruction, BundlerScene, read_bundle
 from .common import DatasetError, PoseDataset, PoseRecord, build_item, collate_pose_batch
+from .posed_images import PosedImage, PosedImageSet, read_strecha_camera
 from .seven_scenes import SevenScenes
 
-DATASET_KINDS = {"cambridge": CambridgeLandmarks, "7scenes": SevenScenes}
-_ALIASES = {"7-scenes": "7scenes", "seven_scenes": "7scenes", "sevenscenes": "7scenes", "cambridge_landmarks": "cambridge"}
+DATASET_KINDS = {"cambridge": CambridgeLandmarks, "7scenes": SevenScenes, "posed": PosedImageSet, "bundler": BundlerScene}
+_ALIASES = {"strecha": "posed", "7-scenes": "7scenes", "seven_scenes": "7scenes", "sevenscenes": "7scenes", "cambridge_landmarks": "cambridge",
+            "dubrovnik": "bundler", "dubrovnik6k": "bundler"}
 
 __all__ = [
     "Augmentation",
+    "BundleReconstruction",
+    "BundlerScene",
     "CambridgeLandmarks",
     "DATASET_KINDS",
     "DatasetError",
     "NvmReconstruction",
     "PoseDataset",
     "PoseRecord",
+    "PosedImage",
+    "PosedImageSet",
     "SevenScenes",
     "build_dataset",
     "build_item",
     "collate_pose_batch",
     "color_jitter",
+    "read_bundle",
     "read_nvm",
+    "read_strecha_camera",
 ]
 
 
@@ -47,7 +57,9 @@ def build_dataset(
     """Open a scene as a torch Dataset.
 
     Args:
-        kind: ``"cambridge"`` or ``"7scenes"`` (``"7-scenes"`` also accepted).
+        kind: ``"cambridge"``, ``"7scenes"`` (``"7-scenes"`` also accepted), ``"bundler"``
+            (``"dubrovnik"`` also accepted) or ``"posed"`` (Strecha-format posed
+            photographs, ``"strecha"`` also accepted).
         root: scene folder.
         split: ``"train"`` or ``"test"``.
         preprocess: resize/crop settings (the checkpoint's PreprocessConfig).
@@ -57,7 +69,8 @@ def build_dataset(
         max_points: 3D points per item for the reprojection loss (0: none).
         seed: base seed of the per-item random draws.
         **options: loader-specific options (Cambridge: ``reconstruction``,
-            ``reconstruction_width``, ``focal``).
+            ``reconstruction_width``, ``focal``; Bundler: ``bundle``, ``image_list``,
+            ``split_file``, ``image_root``, ``test_fraction``, ``test_block``; posed: ``held_out``).
 
     Raises:
         ValueError: unknown kind or split. DatasetError: missing or malformed files.

@@ -1,4 +1,4 @@
-"""Synthetic textured room rendered along robot trajectories, written as 7-Scenes and Cambridge.
+"""Synthetic textured room rendered along robot trajectories, written as 7-Scenes, Cambridge and Bundler.
 
 Stands in for real pose datasets in the demo, tests and benchmarks. Everything is
 deterministic from ``SyntheticSceneConfig.seed``.
@@ -30,6 +30,13 @@ Output (``generate_scene``), one folder readable by both loaders::
     reconstruction.nvm                 NVM_V3: all cameras, sparse points, per-image observations
     reconstruction_size.txt            "width height" the NVM focal refers to (Cambridge loader)
     scene.yaml                         config, intrinsics, frame counts, seed (written last)
+
+With ``"bundler"`` in ``formats`` (not by default: it renders every frame a second time)
+the scene also writes a Bundler reconstruction of itself, read by ``data/bundler.py``::
+
+    bundle/bundle.out                  v0.3: all cameras with radial distortion BUNDLER_DISTORTION, points, view lists
+    list.txt, list.query.txt           images in camera order ("<image> 0 <focal>"); the test images (split file)
+    bundler/seq-01/frame-000000.color.png   the frames rendered with that distortion (own copies)
 """
 from __future__ import annotations
 
@@ -47,10 +54,17 @@ import yaml
 from tqdm import tqdm
 
 from ..geometry import body_pose_to_optical, matrix_to_pose, rpy_to_matrix
+from .bundler import (
+    SPLIT_FILE as BUNDLER_SPLIT_FILE, distort_normalised, pixels_to_centre_offsets, project_to_bundler_pose,
+    undistort_normalised, write_bundle, write_image_list,
+)
 from .cambridge import DATASET_HEADER, SIZE_FILE, project_to_cambridge_pose
 from .seven_scenes import DEPTH_INVALID, INTRINSICS_FILE, SPLIT_FILES, sequence_folder
 
-FORMATS = ("7scenes", "cambridge")
+FORMATS = ("7scenes", "cambridge", "bundler")
+DEFAULT_FORMATS = ("7scenes", "cambridge")
+BUNDLER_DIR = "bundler"  # the distorted copies of the frames
+BUNDLER_DISTORTION = (-0.06, 0.01)  # Bundler k1, k2: a little barrel distortion, as lenses have
 # The other two coordinates of a face whose normal is along axis a: (u axis, v axis).
 FACE_AXES = {0: (1, 2), 1: (0, 2), 2: (0, 1)}
 LIGHT_DIRECTION = np.array([0.3, 0.5, 1.0]) / np.linalg.norm([0.3, 0.5, 1.0])
@@ -79,7 +93,7 @@ class SyntheticSceneConfig:
     num_points: int = 3000
     room_size: tuple = (12.0, 9.0, 3.0)
     texel_size: float = 0.02
-    formats: tuple = FORMATS
+    formats: tuple = DEFAULT_FORMATS
 
     def __post_init__(self):
         object.__setattr__(self, "room_size", tuple(float(v) for v in self.room_size))
@@ -553,8 +567,9 @@ def scene_trajectories(config: SyntheticSceneConfig, layout: Layout | None = Non
 
 GENERATED_FILES = (
     "TrainSplit.txt", "TestSplit.txt", INTRINSICS_FILE, "dataset_train.txt", "dataset_test.txt",
-    "reconstruction.nvm", SIZE_FILE, "scene.yaml",
+    "reconstruction.nvm", SIZE_FILE, "scene.yaml", "list.txt", BUNDLER_SPLIT_FILE,
 )
+GENERATED_FOLDERS = ("bundle", BUNDLER_DIR)
 
 
 def _prepare_output(out_dir: Path, overwrite: bool) -> None:
@@ -567,6 +582,9 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(seq)
         for name in GENERATED_FILES:
             (out_dir / name).unlink(missing_ok=True)
+        for name in GENERATED_FOLDERS:
+            if (out_dir / name).is_dir():
+                shutil.rmtree(out_dir / name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -613,6 +631,54 @@ def _write_nvm(path: Path, scene: SyntheticScene, frames: list[tuple[str, np.nda
     return sum(len(m) for m in per_point)
 
 
+class DistortedCamera:
+    """The scene's camera with Bundler's radial distortion ``(k1, k2)``: renders exact distorted views.
+
+    Each distorted pixel sees the pinhole pixel ``f · undistort((u - c) / f) + c``; a pinhole
+    view with a margin wide enough for all of them is rendered and resampled there, so the
+    image content is the scene's, not an extrapolation at the borders.
+    """
+
+    def __init__(self, config: SyntheticSceneConfig, k1: float, k2: float):
+        self.k1, self.k2 = float(k1), float(k2)
+        self.K, self.width, self.height = config.K, config.width, config.height
+        f, centre = self.K[0, 0], self.K[:2, 2]
+        u, v = np.meshgrid(np.arange(self.width, dtype=np.float64), np.arange(self.height, dtype=np.float64))
+        source = undistort_normalised((np.stack((u.ravel(), v.ravel()), axis=1) - centre) / f, k1, k2) * f + centre
+        below = -source.min(0)
+        above = source.max(0) - (self.width - 1, self.height - 1)
+        self.pad = int(math.ceil(max(0.0, *below, *above))) + 2
+        self.K_padded = self.K.copy()
+        self.K_padded[:2, 2] += self.pad
+        self.map = (source + self.pad).astype(np.float32).reshape(self.height, self.width, 2)
+
+    def render(self, scene: "SyntheticScene", T_world_camera: np.ndarray) -> np.ndarray:
+        """Distorted RGB (H, W, 3) uint8 view of a camera-to-world pose."""
+        rgb, _ = scene.render(T_world_camera, self.K_padded, self.width + 2 * self.pad, self.height + 2 * self.pad)
+        return cv2.remap(rgb, self.map[..., 0], self.map[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    def distort_pixels(self, uv: np.ndarray) -> np.ndarray:
+        """Where pinhole pixels (N, 2) of the scene's camera land in the distorted image."""
+        f, centre = self.K[0, 0], self.K[:2, 2]
+        return distort_normalised((np.asarray(uv, np.float64) - centre) / f, self.k1, self.k2) * f + centre
+
+
+def _write_bundler(out_dir: Path, scene: SyntheticScene, camera: DistortedCamera, frames: list[tuple[str, np.ndarray]],
+                   observations: list[tuple[np.ndarray, np.ndarray]], test_names: list[str]) -> int:
+    """``bundle/bundle.out``, ``list.txt`` and the split file of the distorted copies; returns the measurements."""
+    config = scene.config
+    cameras, views = [], []
+    for (_, T), (ids, uv) in zip(frames, observations):
+        R, t = project_to_bundler_pose(*matrix_to_pose(T))
+        cameras.append((config.focal, camera.k1, camera.k2, R, t))
+        views.append((ids, pixels_to_centre_offsets(camera.distort_pixels(uv), config.width, config.height)))
+    (out_dir / "bundle").mkdir(exist_ok=True)
+    names = [f"{BUNDLER_DIR}/{name}" for name, _ in frames]
+    write_image_list(out_dir / "list.txt", names, [config.focal] * len(names))
+    write_image_list(out_dir / BUNDLER_SPLIT_FILE, [f"{BUNDLER_DIR}/{name}" for name in test_names])
+    return write_bundle(out_dir / "bundle" / "bundle.out", cameras, scene.points, scene.point_colors, views)
+
+
 def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = None, *,
                    overwrite: bool = False, progress: bool = False) -> dict:
     """Render the scene's sequences and write them in the requested formats.
@@ -635,6 +701,7 @@ def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = No
     scene = SyntheticScene(config)
     sequences = scene_trajectories(config, scene.layout)
     write_7scenes = "7scenes" in config.formats
+    distorted = DistortedCamera(config, *BUNDLER_DISTORTION) if "bundler" in config.formats else None
     frames = {"train": [], "test": []}
     observations = []
     total = sum(len(seq["poses"]) for seq in sequences.values())
@@ -648,6 +715,10 @@ def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = No
                 if write_7scenes:
                     _write_depth(Path(f"{stem}.depth.png"), depth)
                     _write_pose(Path(f"{stem}.pose.txt"), T)
+                if distorted is not None:
+                    (out_dir / BUNDLER_DIR / folder).mkdir(parents=True, exist_ok=True)
+                    copy = out_dir / BUNDLER_DIR / folder / f"frame-{i:06d}.color.png"
+                    cv2.imwrite(str(copy), cv2.cvtColor(distorted.render(scene, T), cv2.COLOR_RGB2BGR))
                 frames[seq["split"]].append((f"{folder}/frame-{i:06d}.color.png", T))
                 observations.append(scene.visible_points(T, depth))
                 bar.update()
@@ -665,6 +736,9 @@ def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = No
             _write_cambridge_list(out_dir / f"dataset_{split}.txt", frames[split])
         measurements = _write_nvm(out_dir / "reconstruction.nvm", scene, frames["train"] + frames["test"], observations)
         (out_dir / SIZE_FILE).write_text(f"{config.width} {config.height}\n")
+    if distorted is not None:
+        measurements = _write_bundler(out_dir, scene, distorted, frames["train"] + frames["test"], observations,
+                                      [name for name, _ in frames["test"]])
 
     summary = {
         "root": str(out_dir),
@@ -695,7 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="synth-scene",
         description="Render a synthetic textured room along robot trajectories and write it "
-        "in the 7-Scenes and Cambridge Landmarks layouts.",
+        "in the 7-Scenes and Cambridge Landmarks layouts (add bundler to --formats for a Bundler "
+        "reconstruction with radially distorted copies of the frames).",
     )
     p.add_argument("--out", required=True, type=Path, help="scene folder to create")
     p.add_argument("--frames-train", type=int, default=d.frames_train, help="training frames (all train sequences)")

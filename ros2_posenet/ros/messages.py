@@ -99,6 +99,53 @@ def tf_message(transforms: Iterable[TransformStamped]):
     return TFMessage(transforms=list(transforms))
 
 
+def relocalization_poses(poses, map_frame: str, stamp: Time) -> tuple[PoseStamped, PoseWithCovarianceStamped, PoseStamped]:
+    """The node's three pose outputs for one :class:`~ros2_posenet.frames.RelocalizedPoses`.
+
+    ``(pose, pose_with_covariance, camera_pose)``: the base in the map, the same with
+    its covariance, and the camera body frame in the map, all stamped with the image's stamp.
+    """
+    return (
+        pose_stamped(poses.T_map_base, map_frame, stamp),
+        pose_with_covariance_stamped(poses.T_map_base, poses.base_covariance, map_frame, stamp),
+        pose_stamped(poses.T_map_camera, map_frame, stamp),
+    )
+
+
+NANOSECONDS = 1_000_000_000
+_INT32_MAX = 2**31 - 1
+
+
+def stamp_nanoseconds(stamp: Time) -> int:
+    """A ``builtin_interfaces/Time`` as integer nanoseconds (any ``nanosec``, even >= 1e9, taken as given)."""
+    return int(stamp.sec) * NANOSECONDS + int(stamp.nanosec)
+
+
+def stamp_from_nanoseconds(nanoseconds: int) -> Time:
+    """The normalised stamp (0 <= nanosec < 1e9) every output of one frame carries."""
+    return Time(sec=nanoseconds // NANOSECONDS, nanosec=nanoseconds % NANOSECONDS)
+
+
+def shifted_stamp(stamp: Time, seconds: float) -> Time:
+    """``stamp`` plus ``seconds`` (the node's ``transform_tolerance`` on TF), in integer nanoseconds, normalised."""
+    return stamp_from_nanoseconds(stamp_nanoseconds(stamp) + round(seconds * NANOSECONDS))
+
+
+def stamp_problem(stamp: Time) -> tuple[str, str] | None:
+    """(drop reason, detail) when no output may carry ``stamp`` whatever the clock says, else None.
+
+    Shared by the node and ``relocalize-bag`` so both drop the same frames.
+    """
+    stamp_ns = stamp_nanoseconds(stamp)
+    if stamp.sec < 0:
+        return "negative_stamp", f"header.stamp is sec {stamp.sec}, nanosec {stamp.nanosec}"
+    if stamp_ns == 0:
+        return "zero_stamp", "header.stamp is 0; make the camera driver stamp its images"
+    if stamp_ns // NANOSECONDS > _INT32_MAX:
+        return "future_stamp", f"header.stamp sec {stamp.sec}, nanosec {stamp.nanosec} does not fit a stamp once normalised"
+    return None
+
+
 # DiagnosticStatus levels (bytes in rclpy messages).
 DIAGNOSTIC_OK = DiagnosticStatus.OK
 DIAGNOSTIC_WARN = DiagnosticStatus.WARN

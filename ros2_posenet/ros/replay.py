@@ -17,7 +17,7 @@ from geometry_msgs.msg import PoseStamped
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CameraInfo, Image
 
 from .messages import matrix_from_pose_msg
 
@@ -31,6 +31,15 @@ def rgb_image_msg(image: np.ndarray, stamp_ns: int, frame_id: str) -> Image:
     msg.encoding = "rgb8"
     msg.step = msg.width * 3
     msg.data = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+    return msg
+
+
+def camera_info_msg(K: np.ndarray, width: int, height: int, stamp_ns: int, frame_id: str) -> CameraInfo:
+    """sensor_msgs/CameraInfo of an undistorted pinhole camera."""
+    msg = CameraInfo(width=int(width), height=int(height), distortion_model="plumb_bob", d=[0.0] * 5)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(stamp_ns), 1_000_000_000)
+    msg.header.frame_id = frame_id
+    msg.k = [float(v) for v in np.asarray(K, dtype=float).reshape(9)]
     return msg
 
 
@@ -64,7 +73,7 @@ class ReplayResult:
 class ImageReplayer(Node):
     """Publishes images and listens for the relocalisation node's PoseStamped answers."""
 
-    def __init__(self, image_topic: str, pose_topic: str, frame_id: str = "camera_optical"):
+    def __init__(self, image_topic: str, pose_topic: str, frame_id: str = "camera_optical", camera_info_topic: str | None = None):
         super().__init__("posenet_image_replayer")
         self.frame_id = frame_id
         self.result = ReplayResult()
@@ -72,6 +81,9 @@ class ImageReplayer(Node):
         # Reliable publishers match both reliable and best-effort (sensor-data) subscribers.
         self.publisher = self.create_publisher(Image, image_topic, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
         self.create_subscription(PoseStamped, pose_topic, self._on_pose, 10)
+        self.camera_info_publisher = None if camera_info_topic is None else self.create_publisher(
+            CameraInfo, camera_info_topic, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        )
 
     def _on_pose(self, msg: PoseStamped) -> None:
         now = time.perf_counter()
@@ -89,7 +101,10 @@ class ImageReplayer(Node):
             time.sleep(0.02)
         return self.publisher.get_subscription_count() > 0
 
-    def send(self, image: np.ndarray, key_ns: int) -> None:
+    def send(self, image: np.ndarray, key_ns: int, K: np.ndarray | None = None) -> None:
+        """Publish ``image`` stamped ``key_ns``, after its CameraInfo when ``K`` is given."""
+        if K is not None and self.camera_info_publisher is not None:
+            self.camera_info_publisher.publish(camera_info_msg(K, image.shape[1], image.shape[0], key_ns, self.frame_id))
         msg = rgb_image_msg(image, key_ns, self.frame_id)
         self.result.sent[key_ns] = time.perf_counter()
         self.publisher.publish(msg)
@@ -108,15 +123,21 @@ def replay_images(
     timeout_s: float = 10.0,
     on_progress=None,
     first_stamp_ns: int = 1_700_000_000_000_000_000,
+    intrinsics=None,
+    camera_info_topic: str | None = None,
 ) -> ReplayResult:
     """Send ``images`` (an iterable of HxWx3 uint8 RGB) and collect the answers.
+
+    ``intrinsics`` (an iterable of 3×3 K, one per image) go out as CameraInfo on
+    ``camera_info_topic`` with each image's stamp, for a node that refines against a map.
 
     ``nodes`` (e.g. the relocalisation node) are spun together with the replayer in
     one multi-threaded executor. With ``rate_hz`` None each image waits for its
     answer (latency without queueing); otherwise images are sent at that rate and
     the node is free to drop frames it cannot keep up with.
     """
-    replayer = ImageReplayer(image_topic, pose_topic)
+    replayer = ImageReplayer(image_topic, pose_topic, camera_info_topic=camera_info_topic)
+    intrinsics = iter(intrinsics) if intrinsics is not None else None
     # One executor thread: callbacks here are tiny, and more Python threads only fight the
     # node's inference worker for the GIL and the two cores.
     executor = SingleThreadedExecutor()
@@ -131,7 +152,7 @@ def replay_images(
         period = 1.0 / rate_hz if rate_hz else 0.0
         for i, image in enumerate(images):
             key = first_stamp_ns + i * 100_000_000  # 10 Hz stamps: unique and realistic
-            replayer.send(image, key)
+            replayer.send(image, key, next(intrinsics) if intrinsics is not None else None)
             if rate_hz:
                 time.sleep(max(0.0, start + (i + 1) * period - time.perf_counter()))
             else:

@@ -4,13 +4,15 @@ Contract of both exported files (the graph of :class:`ros2_posenet.backends.Pose
 
 * input ``image``: ``uint8 (B, crop, crop, 3)`` RGB, NHWC. Resize the camera image so
   its shorter side is ``preprocess.resize`` pixels (OpenCV ``INTER_AREA`` when
-  shrinking) and take the centre ``crop``×``crop`` square, as
-  ``Preprocessor.geometric`` does; ``B`` is dynamic in ONNX.
+  shrinking, ``INTER_LINEAR`` when enlarging) and take the centre ``crop``×``crop``
+  square, exactly as ``Preprocessor.geometric`` does (the metadata's ``preprocessing``
+  spells it out; other interpolations move the predictions); ``B`` is dynamic in ONNX.
 * outputs ``position`` ``float32 (B, 3)``: camera centre in the map frame (m);
   ``orientation`` ``float32 (B, 4)``: unit quaternion ``(w, x, y, z)``, ``w >= 0``, of the
   camera-to-map rotation of the optical camera frame (z forward, x right, y down).
 * metadata (ONNX ``metadata_props``; TorchScript extra file ``metadata.json``):
-  ``preprocess`` (resize, crop, mean, std), ``map_frame``, ``covariance``,
+  ``preprocessing`` (the resize + crop recipe, from ``preprocess.geometric_recipe``),
+  ``resize_interpolation``, ``preprocess`` (resize, crop, mean, std), ``map_frame``, ``covariance``,
   ``model_config``, ``pose_convention``, ``git_revision``.
 
 Every export is checked against eager PyTorch on random crops before the command succeeds.

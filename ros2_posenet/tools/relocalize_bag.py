@@ -1,20 +1,36 @@
-"""``relocalize-bag``: run PoseNet over a recorded image topic and write the trajectory.
+"""``relocalize-bag``: run PoseNet over a recorded image topic and write what the node would have published.
 
-Reads a rosbag2 (sqlite3 or MCAP) with the ``rosbags`` library (no ROS install
-needed), takes a ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage`` topic
-(detected from the bag), predicts the camera pose of every frame and writes:
+Reads a rosbag2 (sqlite3 or MCAP) with the ``rosbags`` library, takes a
+``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage`` topic (detected from the bag)
+and, for every frame, writes into a new bag the messages ``posenet_node`` publishes for
+that image with the same parameters, built by the node's own code
+(:class:`ros2_posenet.frames.RelocalizedPoses` and :mod:`ros2_posenet.ros.messages`,
+serialised by rclpy):
 
-* a new bag with ``geometry_msgs/PoseStamped`` on ``--pose-topic`` (the optical
-  camera frame's pose in the map frame) and ``tf2_msgs/TFMessage`` on ``--tf-topic``
-  (``map → camera frame``), with the images' header stamps and the original bag
-  receive times;
-* optionally CSV (``timestamp,bag_time_ns,frame_id,x,y,z,qx,qy,qz,qw``) and TUM
-  (``timestamp tx ty tz qx qy qz qw``) trajectories, timestamps = header stamps in seconds.
+* ``pose_topic`` (``PoseStamped``): the robot base (``base_frame``) in the map;
+* ``pose_with_covariance_topic`` (``PoseWithCovarianceStamped``): the same with the
+  calibrated covariance carried over to the base;
+* ``camera_pose_topic`` (``PoseStamped``): the camera body frame (REP-103) in the map;
+* ``/tf`` per ``tf_mode``: ``map_to_camera`` (map → camera_frame), ``map_to_odom``
+  (map → odom, with odom → base from the bag's ``nav_msgs/Odometry`` or ``/tf``) or
+  ``none``; ``/tf_static`` once with ``publish_camera_to_base_tf``.
 
-Frames that cannot be decoded or give a non-finite pose are skipped and counted.
+Every message carries its image's header stamp and is written at the image's bag
+receive time. Parameters are the node's (``--params-file config/posenet.yaml`` and/or
+flags named like them, e.g. ``--camera-to-base 0.1 0 0.3 0 0.2 0``); command-line flags
+win. Optionally the base trajectory is also written as CSV
+(``timestamp,bag_time_ns,frame_id,child_frame_id,x,y,z,qx,qy,qz,qw``) and TUM
+(``timestamp tx ty tz qx qy qz qw``), timestamps = header stamps in seconds, values
+exactly those of the ``pose_topic`` messages.
+
+Frames the node would drop (undecodable, too large, zero/negative stamp, non-finite
+pose) are skipped, named by their header stamp, and counted. Outputs are written to temporary paths beside their
+destinations and moved into place only when at least one pose was written; existing
+outputs are never replaced without ``--overwrite``. Needs rclpy (the venv and any
+ROS 2 install have it) to serialise the node's messages.
 
     relocalize-bag recording/ --topic /camera/image_raw --checkpoint ckpt.pt --out poses_bag \\
-        --csv poses.csv --tum poses.tum --backend onnxruntime
+        --params-file config/posenet.yaml --csv poses.csv --tum poses.tum
 """
 from __future__ import annotations
 
@@ -22,89 +38,207 @@ import argparse
 import contextlib
 import csv
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 import numpy as np
+import yaml
+from builtin_interfaces.msg import Time
+from rclpy.expand_topic_name import expand_topic_name
+from rclpy.serialization import serialize_message
 from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer, WriterError
+from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.typesys import Stores, get_typestore
 
 from ..backends import BACKENDS, PRECISIONS, BackendUnavailableError
 from ..checkpoint import CheckpointError
-from ..geometry import wxyz_to_xyzw
-from ..inference import Relocalizer, finite_rows
+from ..frames import CameraMount, PoseHistory, RelocalizedPoses, map_to_odom
+from ..inference import PosePrediction, Relocalizer, finite_rows
+from ..ros import messages
+from ..refine import RefinementConfig
+from ..ros.camera_info import CameraInfoError
 from ..ros.image import ImageConversionError, msg_to_rgb
+from ..ros.refinement import REFINED, NodeRefinement
+from ..scene_map import MapError
+from ..ros.node import NODE_NAME, ODOM_SOURCES, PARAMETERS, TF_MODES, TF_QOS, TF_STATIC_QOS, camera_info_topic_of, validate_parameter
 
 log = logging.getLogger("relocalize-bag")
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-POSE_TYPE = "geometry_msgs/msg/PoseStamped"
+ODOMETRY_TYPE = "nav_msgs/msg/Odometry"
 TF_TYPE = "tf2_msgs/msg/TFMessage"
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
-CSV_HEADER = ("timestamp", "bag_time_ns", "frame_id", "x", "y", "z", "qx", "qy", "qz", "qw")
+CSV_HEADER = ("timestamp", "bag_time_ns", "frame_id", "child_frame_id", "x", "y", "z", "qx", "qy", "qz", "qw")
+
+_SPECS = {spec.name: spec for spec in PARAMETERS}
+# The node's parameters that mean something offline; the others (QoS, staleness, rate, services,
+# diagnostics) concern live streams.
+BAG_PARAMETERS = tuple(name for name in (
+    "checkpoint", "device", "backend", "precision", "compile", "cuda_graph", "cpu_threads", "image_topic",
+    "max_image_pixels", "map_frame", "odom_frame", "base_frame", "camera_frame", "camera_to_base",
+    "publish_camera_to_base_tf", "tf_mode", "odom_source", "odom_topic", "odom_tolerance", "transform_tolerance",
+    "pose_topic", "pose_with_covariance_topic", "camera_pose_topic",
+    "map_file", "refine", "refine_config", "camera_info_topic", "camera_info_tolerance",
+) if name in _SPECS)
+# Where the tool's default differs from the node's: offline, onnxruntime is the faster CPU choice.
+BAG_DEFAULTS = {"backend": "auto"}
+# Parameters whose flags are written by hand (kept from earlier versions: --topic, --checkpoint, --device, --compile).
+SPECIAL_FLAGS = frozenset({"checkpoint", "image_topic", "compile", "device", "map_file"})
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 
 
 class UsageError(ValueError):
-    """Bad command-line input (missing topic, existing output, ...): exit code 2."""
+    """Bad command-line input (missing topic, existing output, bad parameter, ...): exit code 2."""
 
 
-@dataclass
-class Frame:
-    """One decoded image, reduced to the network's crop."""
-
-    bag_time: int  # ns, when the recorder received it
-    sec: int  # header stamp
-    nanosec: int
-    frame_id: str
-    crop: np.ndarray  # (crop, crop, 3) uint8 RGB
-
-
-@dataclass
-class PoseRecord:
-    """One relocalised frame: camera-to-map pose of the optical frame."""
-
-    bag_time: int
-    sec: int
-    nanosec: int
-    frame_id: str
-    position: np.ndarray  # (3,)
-    quaternion: np.ndarray  # (4,) w, x, y, z
-
-    @property
-    def timestamp(self) -> str:
-        """Header stamp in seconds, printed exactly (no float rounding)."""
-        return f"{self.sec}.{self.nanosec:09d}"
+# ----------------------------------------------------------------------------- parameters
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="relocalize-bag", description=__doc__.split("\n\n")[0].replace("``", ""))
+    parser = argparse.ArgumentParser(
+        prog="relocalize-bag",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog="Parameters not given default to the params file's, then to the node's (posenet_node --help), "
+        "except backend (auto). Relative topic names resolve in the root namespace, as for a node started without one. "
+        "odom_source auto reads odom -> base from the bag's Odometry on odom_topic when it has one, else from its /tf.",
+    )
     parser.add_argument("input", help="input rosbag2 (directory, or a .mcap/.db3 file)")
-    parser.add_argument("--topic", required=True, help="Image or CompressedImage topic")
-    parser.add_argument("--checkpoint", required=True, help="ros2_posenet checkpoint (.pt)")
-    parser.add_argument("--out", required=True, help="output bag directory (must not exist)")
-    parser.add_argument("--csv", help="also write the trajectory as CSV")
-    parser.add_argument("--tum", help="also write the trajectory in TUM format")
+    parser.add_argument("--out", required=True, help="output bag directory")
+    parser.add_argument("--csv", help="also write the base trajectory (pose_topic) as CSV")
+    parser.add_argument("--tum", help="also write the base trajectory (pose_topic) in TUM format")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out/--csv/--tum (default: refuse)")
+    parser.add_argument("--params-file", help="the node's parameters YAML (e.g. config/posenet.yaml)")
     parser.add_argument("--storage", choices=sorted(STORAGES), help="output storage (default: the input's)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: torch on CUDA, onnxruntime on CPU")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16 on CUDA only")
-    parser.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per network call")
-    parser.add_argument("--pose-topic", default="/posenet/pose")
-    parser.add_argument("--tf-topic", default="/tf")
-    parser.add_argument("--map-frame", help="parent frame (default: the checkpoint's map frame)")
-    parser.add_argument("--child-frame", help="TF child frame (default: each image's frame_id)")
+    parser.add_argument("--topic", dest="image_topic", help="Image or CompressedImage topic (node parameter image_topic)")
+    parser.add_argument("--checkpoint", help=_SPECS["checkpoint"].description)
+    parser.add_argument("--device", help=_SPECS["device"].description)
+    parser.add_argument("--compile", action="store_true", default=None, help=_SPECS["compile"].description)
+    parser.add_argument("--map", "--map-file", dest="map_file", help=_SPECS["map_file"].description + " The bag must hold the images' CameraInfo (camera_info_topic).")
+    for name in BAG_PARAMETERS:
+        if name not in SPECIAL_FLAGS:
+            _add_parameter_flag(parser, name)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     return args
 
 
+def _add_parameter_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--name-with-dashes`` for node parameter ``name``, typed after its default."""
+    spec = _SPECS[name]
+    flag, default = "--" + name.replace("_", "-"), spec.default
+    choices = {"backend": BACKENDS, "precision": PRECISIONS, "tf_mode": TF_MODES, "odom_source": ODOM_SOURCES}.get(name)
+    if isinstance(default, bool):
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=spec.description)
+    elif isinstance(default, list):
+        parser.add_argument(flag, dest=name, type=float, nargs=len(default), metavar=("X", "Y", "Z", "ROLL", "PITCH", "YAW"), help=spec.description)
+    else:
+        parser.add_argument(flag, dest=name, type=type(default), choices=choices, help=spec.description)
+
+
+def load_params_file(path: str) -> dict:
+    """The ``posenet_node`` parameters of a ROS 2 params file (``/**`` and ``posenet_node`` sections, merged in order)."""
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UsageError(f"cannot read params file {path}: {err}") from None
+    if not isinstance(content, dict):
+        raise UsageError(f"params file {path} is not a ROS 2 params file (expected '<node>: ros__parameters: ...')")
+    values: dict = {}
+    for node, section in content.items():
+        if str(node) in ("/**", NODE_NAME, "/" + NODE_NAME) or str(node).endswith("/" + NODE_NAME):
+            if not isinstance(section, dict) or not isinstance(section.get("ros__parameters"), dict):
+                raise UsageError(f"params file {path}: section {node!r} lacks a 'ros__parameters' mapping")
+            values.update(section["ros__parameters"])
+    if not values:
+        raise UsageError(f"params file {path} has no parameters for {NODE_NAME} (sections '/**' or '{NODE_NAME}')")
+    return values
+
+
+def _type_problem(name: str, value) -> str | None:
+    """The node declares parameters with the type of their default; reject what it would reject."""
+    default = _SPECS[name].default
+    if name == "compile" and isinstance(value, (bool, str)):
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "must be a number"
+    if isinstance(default, list):
+        return None if isinstance(value, (list, tuple)) else "must be a list"
+    return None if isinstance(value, str) else "must be a string"
+
+
+def resolve_parameters(args: argparse.Namespace) -> dict:
+    """The node's parameters for this run: node defaults < tool defaults < params file < flags; validated like the node."""
+    values = {name: _SPECS[name].default for name in BAG_PARAMETERS} | BAG_DEFAULTS
+    if args.params_file:
+        from_file = load_params_file(args.params_file)
+        unknown = sorted(set(from_file) - set(_SPECS) - {"use_sim_time"})
+        if unknown:
+            log.warning("params file: %s: not %s parameters, ignored", ", ".join(unknown), NODE_NAME)
+        live_only = sorted(set(from_file) & set(_SPECS) - set(BAG_PARAMETERS))
+        if live_only:
+            log.info("params file: %s concern live streams, ignored for a recording", ", ".join(live_only))
+        values.update({k: v for k, v in from_file.items() if k in BAG_PARAMETERS})
+    values.update({name: getattr(args, name) for name in BAG_PARAMETERS if getattr(args, name, None) is not None})
+    problems = []
+    for name in BAG_PARAMETERS:
+        problem = _type_problem(name, values[name]) or validate_parameter(name, values[name])
+        if problem and not (name == "checkpoint" and not values[name]):
+            problems.append(f"{name} = {values[name]!r}: {problem}")
+    if problems:
+        raise UsageError("bad parameters: " + "; ".join(problems))
+    if not values["checkpoint"]:
+        raise UsageError("no checkpoint: pass --checkpoint FILE (or set checkpoint in --params-file)")
+    if values["publish_camera_to_base_tf"] and values["tf_mode"] == "map_to_camera":
+        raise UsageError(
+            "publish_camera_to_base_tf with tf_mode map_to_camera would give camera_frame two TF parents "
+            "(map and base_frame); use tf_mode map_to_odom or none"
+        )
+    for name in ("image_topic", "odom_topic", "pose_topic", "pose_with_covariance_topic", "camera_pose_topic"):
+        values[name] = absolute_topic(values[name])
+    values["mount"] = CameraMount.from_xyz_rpy([float(v) for v in values["camera_to_base"]])
+    return values
+
+
+def absolute_topic(name: str) -> str:
+    """A node topic name as ``posenet_node`` in the root namespace resolves it (``posenet/pose`` -> ``/posenet/pose``)."""
+    try:
+        return expand_topic_name(name, NODE_NAME, "/")
+    except Exception as err:  # rclpy raises ValueError or its own NameValidationException
+        raise UsageError(f"invalid topic name {name!r}: {err}") from None
+
+
 # ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Frame:
+    """One decoded image with what the node would use of it."""
+
+    bag_time: int  # ns, when the recorder received it
+    stamp: Time  # header stamp: names the frame and stamps every output
+    rgb: np.ndarray  # HxWx3 uint8, the camera image (for per-frame refinement)
+    crop: np.ndarray  # (crop, crop, 3) uint8 RGB network input
+
+    @property
+    def timestamp(self) -> str:
+        return stamp_text(self.stamp)
+
+
+def stamp_text(stamp) -> str:
+    """Header stamp in seconds, printed exactly (no float rounding)."""
+    return f"{stamp.sec}.{stamp.nanosec:09d}"
 
 
 def input_storage(path: str | Path) -> str:
@@ -114,30 +248,75 @@ def input_storage(path: str | Path) -> str:
     return "mcap" if any(f.suffix == ".mcap" for f in files) else "sqlite3"
 
 
-def image_connections(reader: Reader, topic: str) -> list:
-    """The connections of ``topic``; a clear error when it is missing or not an image topic."""
+def topic_connections(reader: Reader, topic: str, types: tuple[str, ...], what: str) -> list:
+    """The connections of ``topic``; a clear error when it is missing or of another type."""
     connections = [c for c in reader.connections if c.topic == topic]
     if not connections:
-        images = sorted({c.topic for c in reader.connections if c.msgtype in IMAGE_TYPES})
-        raise UsageError(f"topic {topic!r} is not in the bag; image topics there: {images or 'none'}")
-    bad = {c.msgtype for c in connections} - set(IMAGE_TYPES)
+        present = sorted({c.topic for c in reader.connections if c.msgtype in types})
+        raise UsageError(f"topic {topic!r} is not in the bag; {what} topics there: {present or 'none'}")
+    bad = {c.msgtype for c in connections} - set(types)
     if bad:
-        raise UsageError(f"topic {topic!r} has type {sorted(bad)}, expected sensor_msgs/msg/Image or CompressedImage")
+        raise UsageError(f"topic {topic!r} has type {sorted(bad)}, expected {' or '.join(types)}")
     return connections
 
 
-def read_frames(reader: Reader, connections: list, typestore, reloc: Relocalizer, skipped: Counter) -> Iterator[Frame]:
-    """Decode every image of ``connections`` into a network crop, in bag order."""
+def read_frames(
+    reader: Reader, connections: list, typestore, reloc: Relocalizer, skipped: Counter, max_pixels: int = 0
+) -> Iterator[Frame]:
+    """Decode every image of ``connections`` into the network's crop, in bag order; bad ones are skipped."""
     for connection, bag_time, raw in reader.messages(connections=connections):
-        msg = typestore.deserialize_cdr(raw, connection.msgtype)
         try:
-            crop = reloc.crop(msg_to_rgb(msg))
+            msg = typestore.deserialize_cdr(raw, connection.msgtype)
+        except Exception as err:  # rosbags raises assorted errors for truncated CDR
+            skipped["unreadable message"] += 1
+            log.warning("skipping message at bag time %d ns (no header stamp readable): %s", bag_time, err)
+            continue
+        problem = messages.stamp_problem(msg.header.stamp)
+        if problem:
+            reason, detail = problem
+            skipped[reason.replace("_", " ")] += 1
+            log.warning("skipping image: %s", detail)
+            continue
+        stamp = messages.stamp_from_nanoseconds(messages.stamp_nanoseconds(msg.header.stamp))  # normalised, as the node stamps its outputs
+        try:
+            rgb = msg_to_rgb(msg, max_pixels, lambda text: log.warning("image stamped %s: %s", stamp_text(stamp), text))
+            crop = reloc.crop(rgb)
         except (ImageConversionError, ValueError) as err:
             skipped["undecodable image"] += 1
-            log.warning("skipping image at bag time %d: %s", bag_time, err)
+            log.warning("skipping image stamped %s: %s", stamp_text(stamp), err)
             continue
-        stamp = msg.header.stamp
-        yield Frame(bag_time, int(stamp.sec), int(stamp.nanosec), msg.header.frame_id, crop)
+        yield Frame(bag_time, stamp, rgb, crop)
+
+
+def read_odometry(reader: Reader, typestore, params: dict) -> tuple[PoseHistory, str]:
+    """All odom → base poses of the bag (``nav_msgs/Odometry`` on odom_topic, or ``/tf``), and where they came from."""
+    source = params["odom_source"]
+    has_topic = any(c.topic == params["odom_topic"] and c.msgtype == ODOMETRY_TYPE for c in reader.connections)
+    if source == "auto":
+        source = "topic" if has_topic else "tf"
+    history = PoseHistory(max_samples=sys.maxsize)
+    if source == "topic":
+        connections = topic_connections(reader, params["odom_topic"], (ODOMETRY_TYPE,), "Odometry")
+        for connection, _, raw in reader.messages(connections=connections):
+            with contextlib.suppress(Exception):  # the node ignores unreadable odometry and invalid poses too
+                msg = typestore.deserialize_cdr(raw, connection.msgtype)
+                history.add(messages.stamp_to_seconds(msg.header.stamp), messages.matrix_from_pose_msg(msg.pose.pose))
+        return history, f"topic {params['odom_topic']}"
+    connections = [c for c in reader.connections if c.topic == "/tf" and c.msgtype == TF_TYPE]
+    for connection, _, raw in reader.messages(connections=connections) if connections else ():  # [] would mean all topics
+        with contextlib.suppress(Exception):
+            for transform in typestore.deserialize_cdr(raw, connection.msgtype).transforms:
+                if transform.header.frame_id == params["odom_frame"] and transform.child_frame_id == params["base_frame"]:
+                    history.add(messages.stamp_to_seconds(transform.header.stamp), messages.matrix_from_transform_msg(transform.transform))
+    if not len(history):
+        raise UsageError(
+            f"tf_mode map_to_odom needs odom -> base: the bag has no nav_msgs/Odometry on {params['odom_topic']} "
+            f"and no direct {params['odom_frame']} -> {params['base_frame']} transform on /tf"
+        )
+    return history, "/tf"
+
+
+# ----------------------------------------------------------------------------- the per-frame pipeline
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
@@ -146,139 +325,309 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def relocalize(frames: Iterable[Frame], reloc: Relocalizer, batch_size: int, skipped: Counter) -> Iterator[PoseRecord]:
-    """Run the network on batches of frames; frames with non-finite output are skipped."""
+def predict_batch(reloc: Relocalizer, frames: list[Frame]) -> list[PosePrediction | None]:
+    """The network's camera poses for a batch of frames (one backend call); ``None`` where not finite.
+
+    The one place that turns frames into predictions: a refinement step (e.g. against a
+    map) wraps this function.
+    """
+    t, q, cov = reloc.forward_crops_with_covariance(np.stack([f.crop for f in frames]))  # as Relocalizer.predict
+    ok = finite_rows(t, q) & np.all(np.isfinite(cov), axis=(1, 2))
+    return [reloc.prediction(t[i], q[i], cov[i]) if ok[i] else None for i in range(len(frames))]
+
+
+Predictor = Callable[[Relocalizer, list], list]
+
+
+def relocalize(
+    frames: Iterable[Frame], reloc: Relocalizer, mount: CameraMount, batch_size: int, skipped: Counter,
+    predict: Predictor = predict_batch,
+) -> Iterator[tuple[Frame, RelocalizedPoses]]:
+    """Frames with the node's poses for them (base, camera, covariance); non-finite ones are skipped."""
     for batch in batched(frames, batch_size):
-        positions, quaternions = reloc.forward_crops(np.stack([f.crop for f in batch]))
-        for frame, ok, t, q in zip(batch, finite_rows(positions, quaternions), positions, quaternions):
-            if not ok:
+        for frame, prediction in zip(batch, predict(reloc, batch)):
+            poses = None if prediction is None else RelocalizedPoses.from_prediction(
+                prediction.position, prediction.quaternion, prediction.covariance, mount
+            )
+            if poses is None or not poses.is_finite:
                 skipped["non-finite network output"] += 1
-                log.warning("skipping image at bag time %d: network output is not finite", frame.bag_time)
+                log.warning("skipping image stamped %s: network output is not finite", frame.timestamp)
                 continue
-            yield PoseRecord(frame.bag_time, frame.sec, frame.nanosec, frame.frame_id, t, q)
+            yield frame, poses
+
+
+class NodeOutputs:
+    """The messages ``posenet_node`` publishes for one relocalised frame, as ``(topic, message)`` pairs."""
+
+    def __init__(self, params: dict, map_frame: str, odometry: PoseHistory | None, counts: Counter):
+        self.params, self.map_frame, self.odometry, self.counts = params, map_frame, odometry, counts
+
+    def __call__(self, frame: Frame, poses: RelocalizedPoses) -> list[tuple[str, object]]:
+        p = self.params
+        pose, pose_cov, camera_pose = messages.relocalization_poses(poses, self.map_frame, frame.stamp)
+        out = [(p["pose_topic"], pose), (p["pose_with_covariance_topic"], pose_cov), (p["camera_pose_topic"], camera_pose)]
+        transform = self.transform(frame, poses)
+        if transform is not None:
+            out.append(("/tf", messages.tf_message([transform])))
+        return out
+
+    def transform(self, frame: Frame, poses: RelocalizedPoses):
+        """The node's TF for ``tf_mode`` (None: none, or no odometry near the stamp, which is counted)."""
+        p = self.params
+        if p["tf_mode"] == "none":
+            return None
+        tf_stamp = messages.shifted_stamp(frame.stamp, float(p["transform_tolerance"]))
+        if p["tf_mode"] == "map_to_camera":
+            return messages.transform_stamped(poses.T_map_camera, self.map_frame, p["camera_frame"], tf_stamp)
+        T_odom_base = self.odometry.lookup(messages.stamp_to_seconds(frame.stamp), float(p["odom_tolerance"]))
+        if T_odom_base is None:
+            self.counts["no odometry (map -> odom not written)"] += 1
+            log.warning("no odometry within odom_tolerance of the image stamped %s: map -> odom not written", frame.timestamp)
+            return None
+        return messages.transform_stamped(map_to_odom(poses.T_map_base, T_odom_base), self.map_frame, p["odom_frame"], tf_stamp)
+
+    def static_extrinsic(self, stamp: Time):
+        """``/tf_static`` base_frame → camera_frame, as the node sends once with ``publish_camera_to_base_tf``."""
+        p = self.params
+        return messages.tf_message([messages.transform_stamped(p["mount"].T_base_camera, p["base_frame"], p["camera_frame"], stamp)])
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-class PoseBagWriter:
-    """Writes PoseStamped + TFMessage for each record into a new bag."""
-
-    def __init__(self, writer: Writer, typestore, args: argparse.Namespace, map_frame: str):
-        self.writer, self.ts = writer, typestore
-        self.map_frame = args.map_frame or map_frame
-        self.child_frame = args.child_frame
-        self.pose_conn = writer.add_connection(args.pose_topic, POSE_TYPE, typestore=typestore)
-        self.tf_conn = writer.add_connection(args.tf_topic, TF_TYPE, typestore=typestore)
-
-    def header(self, record: PoseRecord, frame_id: str):
-        T = self.ts.types
-        stamp = T["builtin_interfaces/msg/Time"](sec=record.sec, nanosec=record.nanosec)
-        return T["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
-
-    def quaternion_msg(self, record: PoseRecord):
-        x, y, z, w = wxyz_to_xyzw(record.quaternion)
-        return self.ts.types["geometry_msgs/msg/Quaternion"](x=x, y=y, z=z, w=w)
-
-    def pose_msg(self, record: PoseRecord):
-        T = self.ts.types
-        pose = T["geometry_msgs/msg/Pose"](
-            position=T["geometry_msgs/msg/Point"](*map(float, record.position)),
-            orientation=self.quaternion_msg(record),
-        )
-        return T[POSE_TYPE](header=self.header(record, self.map_frame), pose=pose)
-
-    def tf_msg(self, record: PoseRecord):
-        T = self.ts.types
-        transform = T["geometry_msgs/msg/Transform"](
-            translation=T["geometry_msgs/msg/Vector3"](*map(float, record.position)),
-            rotation=self.quaternion_msg(record),
-        )
-        child = self.child_frame or record.frame_id or "camera"
-        stamped = T["geometry_msgs/msg/TransformStamped"](
-            header=self.header(record, self.map_frame), child_frame_id=child, transform=transform
-        )
-        return T[TF_TYPE](transforms=[stamped])
-
-    def write(self, record: PoseRecord) -> None:
-        self.writer.write(self.pose_conn, record.bag_time, self.ts.serialize_cdr(self.pose_msg(record), POSE_TYPE))
-        self.writer.write(self.tf_conn, record.bag_time, self.ts.serialize_cdr(self.tf_msg(record), TF_TYPE))
+def ros_type_name(msg) -> str:
+    """``pkg/msg/Name`` of an rclpy message instance."""
+    return f"{type(msg).__module__.split('.')[0]}/msg/{type(msg).__name__}"
 
 
-def trajectory_row(record: PoseRecord) -> list[str]:
-    """``x y z qx qy qz qw`` as text (ROS/TUM quaternion order)."""
-    values = np.concatenate((record.position, wxyz_to_xyzw(record.quaternion)))
-    return [repr(float(v)) for v in values]
+def recorded_qos(profile) -> Qos:
+    """An rclpy QoS profile as rosbag2 metadata (durations unspecified), so ``ros2 bag play`` offers it again."""
+    zero = QosTime(0, 0)
+    return Qos(
+        QosHistory(profile.history.value), profile.depth, QosReliability(profile.reliability.value),
+        QosDurability(profile.durability.value), zero, zero, QosLiveliness(profile.liveliness.value), zero, False,
+    )
 
 
-def csv_writer(stream: TextIO):
+class BagSink:
+    """Writes rclpy messages, serialised by rclpy (the node's bytes on the wire), into a rosbags Writer.
+
+    ``/tf`` and ``/tf_static`` are recorded with the node's QoS for them (``/tf_static``
+    transient local, so a replay latches it like the node's publisher).
+    """
+
+    QOS = {"/tf": TF_QOS, "/tf_static": TF_STATIC_QOS}
+
+    def __init__(self, writer: Writer, typestore):
+        self.writer, self.typestore = writer, typestore
+        self.connections: dict[tuple[str, str], object] = {}
+
+    def write(self, topic: str, msg, bag_time: int) -> None:
+        key = (topic, ros_type_name(msg))
+        if key not in self.connections:
+            qos = [recorded_qos(self.QOS[topic])] if topic in self.QOS else []
+            self.connections[key] = self.writer.add_connection(topic, key[1], typestore=self.typestore, offered_qos_profiles=qos)
+        self.writer.write(self.connections[key], bag_time, serialize_message(msg))
+
+
+def trajectory_values(pose_msg) -> list[str]:
+    """``x y z qx qy qz qw`` of a PoseStamped, as text."""
+    p, o = pose_msg.pose.position, pose_msg.pose.orientation
+    return [repr(float(v)) for v in (p.x, p.y, p.z, o.x, o.y, o.z, o.w)]
+
+
+def csv_writer(stream: TextIO, child_frame: str):
     writer = csv.writer(stream)
     writer.writerow(CSV_HEADER)
-    return lambda r: writer.writerow([r.timestamp, r.bag_time, r.frame_id, *trajectory_row(r)])
+    return lambda frame, pose: writer.writerow(
+        [frame.timestamp, frame.bag_time, pose.header.frame_id, child_frame, *trajectory_values(pose)]
+    )
 
 
 def tum_writer(stream: TextIO):
     stream.write("# timestamp tx ty tz qx qy qz qw\n")
-    return lambda r: stream.write(" ".join([r.timestamp, *trajectory_row(r)]) + "\n")
+    return lambda frame, pose: stream.write(" ".join([frame.timestamp, *trajectory_values(pose)]) + "\n")
+
+
+class StagedPath:
+    """An output written under a temporary name beside its destination, then moved into place or removed.
+
+    The staging folder sits in the destination's directory (same file system, so the
+    move is a rename) and the output keeps its final name inside it, so a bag's
+    ``metadata.yaml`` names the right files.
+    """
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.folder = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".partial", dir=self.final.parent))
+        self.path = self.folder / self.final.name
+
+    def commit(self) -> None:
+        if self.final.is_dir() and not self.final.is_symlink():
+            shutil.rmtree(self.final)
+        elif self.final.exists() or self.final.is_symlink():
+            self.final.unlink()
+        os.replace(self.path, self.final)
+        self.folder.rmdir()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """Fail before loading the model when an output cannot be written."""
-    if Path(args.out).exists():
-        raise UsageError(f"output bag {args.out} exists already; choose another --out or remove it")
-    if not Path(args.input).exists():
+def check_paths(args: argparse.Namespace) -> None:
+    """Fail before loading the model when the input is missing or an output cannot be written."""
+    source = Path(args.input)
+    if not source.exists():
         raise UsageError(f"input bag {args.input} does not exist")
-    for path in (args.csv, args.tum):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UsageError(f"directory of {path} does not exist")
+    outputs = {"--out": args.out, "--csv": args.csv, "--tum": args.tum}
+    outputs = {flag: Path(path) for flag, path in outputs.items() if path}
+    resolved = [p.resolve() for p in outputs.values()]
+    if len(set(resolved)) < len(resolved):
+        raise UsageError("--out, --csv and --tum must be different paths")
+    for flag, path in outputs.items():
+        target = path.resolve()
+        if target == source.resolve() or source.resolve().is_relative_to(target):
+            raise UsageError(f"{flag} {path} would replace the input bag")
+        if not target.parent.is_dir():
+            raise UsageError(f"directory of {flag} {path} does not exist")
+        if (path.exists() or path.is_symlink()) and not args.overwrite:
+            raise UsageError(f"{flag} {path} exists already; choose another path, remove it, or pass --overwrite")
 
 
-def run(args: argparse.Namespace) -> tuple[int, Counter]:
-    """Relocalise the whole topic; returns (poses written, skipped frames by reason)."""
+@dataclass
+class Summary:
+    written: int  # frames relocalised (one message per pose topic each)
+    skipped: Counter  # frames dropped, by reason
+    notes: Counter  # other counts (e.g. map -> odom transforms missing)
+
+
+def run(args: argparse.Namespace) -> Summary:
+    """Relocalise the whole topic; outputs move into place only when a pose was written."""
     from tqdm import tqdm
 
-    check_outputs(args)
+    params = resolve_parameters(args)
+    check_paths(args)
     typestore = get_typestore(Stores.LATEST)
-    skipped: Counter = Counter()
-    written = 0
-    with Reader(args.input) as reader, contextlib.ExitStack() as stack:
-        connections = image_connections(reader, args.topic)
-        reloc = Relocalizer(args.checkpoint, device=args.device, backend=args.backend, precision=args.precision, compile=args.compile)
-        log.info("backend %s (%s, %s)", reloc.backend_name, reloc.device, "fp16" if reloc.half else "fp32")
-        sinks = [PoseBagWriter(stack.enter_context(open_writer(args)), typestore, args, reloc.map_frame).write]
-        if args.csv:
-            sinks.append(csv_writer(stack.enter_context(open(args.csv, "w", newline=""))))
-        if args.tum:
-            sinks.append(tum_writer(stack.enter_context(open(args.tum, "w"))))
-        total = sum(c.msgcount for c in connections)
-        frames = read_frames(reader, connections, typestore, reloc, skipped)
-        for record in tqdm(relocalize(frames, reloc, args.batch_size, skipped), total=total, unit="frame", disable=None):
-            for sink in sinks:
-                sink(record)
-            written += 1
-    return written, skipped
+    summary = Summary(0, Counter(), Counter())
+    staged = {flag: StagedPath(path) for flag, path in (("out", args.out), ("csv", args.csv), ("tum", args.tum)) if path}
+    try:
+        with Reader(args.input) as reader:
+            connections = topic_connections(reader, params["image_topic"], IMAGE_TYPES, "image")
+            odometry = None
+            if params["tf_mode"] == "map_to_odom":
+                odometry, where = read_odometry(reader, typestore, params)
+                log.info("odom -> base from %s (%d poses)", where, len(odometry))
+            reloc = load_relocalizer(params)
+            predict = predict_batch
+            if params["map_file"] and params["refine"]:
+                stage = load_refinement(reader, typestore, params, connections)
+                predict = refining_predictor(stage, params["camera_info_tolerance"], summary.notes)
+            outputs = NodeOutputs(params, params["map_frame"] or reloc.map_frame, odometry, summary.notes)
+            log.info("backend %s (%s, %s); poses in frame '%s', tf_mode %s", reloc.backend_name, reloc.device,
+                     "fp16" if reloc.half else "fp32", outputs.map_frame, params["tf_mode"])
+            with contextlib.ExitStack() as stack:
+                bag = BagSink(stack.enter_context(open_writer(staged["out"].path, args)), typestore)
+                trajectories = []
+                if "csv" in staged:
+                    trajectories.append(csv_writer(stack.enter_context(open(staged["csv"].path, "w", newline="")), params["base_frame"]))
+                if "tum" in staged:
+                    trajectories.append(tum_writer(stack.enter_context(open(staged["tum"].path, "w"))))
+                frames = read_frames(reader, connections, typestore, reloc, summary.skipped, int(params.get("max_image_pixels", 0)))
+                total = sum(c.msgcount for c in connections)
+                results = relocalize(frames, reloc, params["mount"], args.batch_size, summary.skipped, predict)
+                for frame, poses in tqdm(results, total=total, unit="frame", disable=None):
+                    if summary.written == 0 and params["publish_camera_to_base_tf"]:
+                        bag.write("/tf_static", outputs.static_extrinsic(frame.stamp), frame.bag_time)
+                    topic_messages = outputs(frame, poses)
+                    for topic, msg in topic_messages:
+                        bag.write(topic, msg, frame.bag_time)
+                    pose_msg = topic_messages[0][1]  # pose_topic: the trajectories are exactly its poses
+                    for write in trajectories:
+                        write(frame, pose_msg)
+                    summary.written += 1
+        if summary.written:
+            for output in staged.values():
+                output.commit()
+    finally:
+        for output in staged.values():
+            output.discard()
+    return summary
 
 
-def open_writer(args: argparse.Namespace) -> Writer:
-    return Writer(args.out, version=Writer.VERSION_LATEST, storage_plugin=STORAGES[args.storage or input_storage(args.input)])
+def load_refinement(reader: Reader, typestore, params: dict, image_connections: list) -> NodeRefinement:
+    """The node's refinement stage on ``map_file``, with every CameraInfo of the bag in its buffer."""
+    compressed = any(c.msgtype == IMAGE_TYPES[1] for c in image_connections)
+    topic = absolute_topic(params["camera_info_topic"] or camera_info_topic_of(params["image_topic"], compressed))
+    config = RefinementConfig.from_yaml(params["refine_config"]) if params["refine_config"] else None
+    stage = NodeRefinement(params["map_file"], config, warn=log.warning)
+    bad = 0
+    for connection, _, raw in reader.messages(connections=topic_connections(reader, topic, (CAMERA_INFO_TYPE,), "CameraInfo")):
+        try:
+            stage.on_camera_info(typestore.deserialize_cdr(raw, connection.msgtype))
+        except (CameraInfoError, ValueError) as err:
+            bad += 1
+            log.warning("ignoring CameraInfo on %s: %s", topic, err)
+    if len(stage.camera_infos) == 0:
+        raise UsageError(f"no usable CameraInfo on {topic} ({bad} unusable): the refinement needs the images' calibration")
+    log.info("refining against %s (%s) with %d CameraInfo from %s", params["map_file"], stage.scene_map.summary(), len(stage.camera_infos), topic)
+    return stage
+
+
+def refining_predictor(stage: NodeRefinement, tolerance: float, notes: Counter) -> Predictor:
+    """:func:`predict_batch` followed by the node's refinement of each frame (regressor's pose on fallback)."""
+
+    def predict(reloc: Relocalizer, frames: list[Frame]) -> list[PosePrediction | None]:
+        predictions = predict_batch(reloc, frames)
+        for i, (frame, prediction) in enumerate(zip(frames, predictions)):
+            if prediction is None:
+                continue
+            outcome = stage.refine(frame.rgb, messages.stamp_to_seconds(frame.stamp), prediction, tolerance)
+            notes[f"refinement {outcome.status}"] += 1
+            if outcome.status != REFINED:
+                log.info("image stamped %s: refinement %s (%s), regressor's pose kept", frame.timestamp, outcome.status, outcome.reason)
+            predictions[i] = outcome.prediction
+        return predictions
+
+    return predict
+
+
+def load_relocalizer(params: dict) -> Relocalizer:
+    if params["cpu_threads"] > 0:
+        import torch
+
+        torch.set_num_threads(int(params["cpu_threads"]))
+    return Relocalizer(
+        params["checkpoint"], device=params["device"], backend=params["backend"], precision=params["precision"],
+        compile=params["compile"], cuda_graph=params["cuda_graph"], checkpoint_setting="--checkpoint",
+    )
+
+
+def open_writer(path: Path, args: argparse.Namespace) -> Writer:
+    return Writer(path, version=Writer.VERSION_LATEST, storage_plugin=STORAGES[args.storage or input_storage(args.input)])
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        written, skipped = run(args)
-    except (UsageError, CheckpointError, BackendUnavailableError, ReaderError, WriterError, OSError) as err:
+        summary = run(args)
+    except (UsageError, CheckpointError, MapError, BackendUnavailableError, ReaderError, WriterError, OSError, ValueError) as err:
+        # ValueError: e.g. device cuda without a GPU, as the node reports it at start-up
         print(f"relocalize-bag: error: {err}", file=sys.stderr)
         return 2
+    skipped = summary.skipped
     details = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-    print(f"relocalize-bag: wrote {written} poses to {args.out}" + (f"; skipped {sum(skipped.values())} ({details})" if skipped else ""))
-    if written == 0:
-        print("relocalize-bag: error: no pose was written", file=sys.stderr)
+    notes = "".join(f"; {n} {note}" for note, n in summary.notes.items())
+    if summary.written == 0:
+        print(f"relocalize-bag: error: no pose was written (skipped {sum(skipped.values())}: {details or 'no frames'}); "
+              "no output was created", file=sys.stderr)
         return 1
+    outputs = ", ".join(p for p in (args.out, args.csv, args.tum) if p)
+    print(f"relocalize-bag: wrote {summary.written} poses to {outputs}"
+          + (f"; skipped {sum(skipped.values())} ({details})" if skipped else "") + notes)
     return 0
 
 

@@ -1,0 +1,248 @@
+"""Geometric refinement on the synthetic scene: accuracy, fallbacks, solvers, misregistered depth, time at 640x480.
+
+    .venv/bin/python bench/bench_refine.py                        # all sections (≈15 min on 2 busy cores)
+    .venv/bin/python bench/bench_refine.py --sections accuracy solvers
+
+Sections (each prints its table):
+
+* ``accuracy``: the default scene's 200 test frames, priors = ground truth moved
+  0.5 m and turned 10° in random directions (the regressor's typical error is of
+  that order, bench/RESULTS.md); the output is the refined pose, or the prior on
+  fallback. Also: no prior (retrieval + refinement), and grossly wrong priors (3 m, 90°).
+  "worse" counts refined frames whose error exceeds the prior's: a silent worsening.
+* ``solvers``: pycolmap / poselib / OpenCV USAC on the same map and priors.
+* ``misregistered``: maps whose depth image is shifted against the colour image
+  (``--depth-shift`` px, as a depth camera beside the colour camera gives):
+  raw depth, the agreement filter (``build-map --agreement``), triangulation
+  without depth, compared on the same test frames.
+* ``timing``: a 640x480 rendering of the room (own small scene): ms per frame by
+  part, wall clock and process CPU time, for SIFT, SIFT on the half-size image and ORB.
+
+Maps and scenes are cached under ``--work`` (default /tmp/bench_refine).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene  # noqa: E402
+from ros2_posenet.features import FeatureConfig  # noqa: E402
+from ros2_posenet.refine import RefinementConfig, Refiner, perturb_pose, pose_difference  # noqa: E402
+from ros2_posenet.scene_map import SceneMap, depth_lift, filter_by_agreement, select_keyframes  # noqa: E402
+from ros2_posenet.tools.build_map import (  # noqa: E402
+    build_scene_map, calibrate, held_out_indices, open_dataset, pose_matrix, read_depth_m,
+)
+
+SECTIONS = ("accuracy", "solvers", "misregistered", "timing")
+
+
+def ensure_scene(root: Path, config: SyntheticSceneConfig) -> Path:
+    if not (root / "scene.yaml").is_file():
+        print(f"rendering {root} ({config.frames_train} + {config.frames_test} frames at {config.width}x{config.height}) ...", flush=True)
+        generate_scene(root, config, overwrite=True)
+    return root
+
+
+def cached_map(path: Path, root: Path, features: FeatureConfig, points="depth", lift_factory=None, agreement=1,
+               calibrate_frames=40, base: Path | None = None) -> tuple[SceneMap, dict]:
+    """Build (or reload) a map of ``root``'s training images; returns it and its build figures.
+
+    With ``base`` (a cached map file) and ``agreement`` > 1 the map is that one, filtered.
+    """
+    if path.is_file():
+        scene_map = SceneMap.load(path)
+        return scene_map, scene_map.metadata["bench"]
+    train = open_dataset("7scenes", root, "train")
+    poses = np.stack([pose_matrix(train, i) for i in range(len(train))])
+    keyframes = select_keyframes(poses, 0.25, 15.0)
+    start = time.perf_counter()
+    if base is not None and base.is_file():
+        scene_map = SceneMap.load(base)
+        start -= scene_map.metadata["bench"]["build_s"]
+    else:
+        scene_map = build_scene_map(train, keyframes, features, points, lift_factory=lift_factory)
+    if agreement > 1:
+        scene_map = filter_by_agreement(scene_map, min_views=agreement)
+    seconds = time.perf_counter() - start
+    calibration = calibrate(scene_map, train, held_out_indices(len(train), keyframes, calibrate_frames)) if calibrate_frames else {}
+    scene_map.metadata["calibration"] = calibration
+    scene_map.save(path)
+    figures = {"keyframes": len(scene_map), "points": scene_map.num_points, "build_s": round(seconds, 1),
+               "mb": round(path.stat().st_size / 1e6, 1), "covariance_scale": calibration.get("covariance_scale", 1.0)}
+    scene_map.metadata["bench"] = figures
+    scene_map.save(path)
+    return scene_map, figures
+
+
+def test_frames(root: Path, count: int | None):
+    test = open_dataset("7scenes", root, "test")
+    indices = np.arange(len(test)) if not count else np.linspace(0, len(test) - 1, count).round().astype(int)
+    return [(test.load_image(int(i)), test.intrinsics(int(i)), pose_matrix(test, int(i))) for i in indices]
+
+
+def errors(T, T_true) -> tuple[float, float]:
+    d = pose_difference(T, T_true)
+    return float(np.linalg.norm(d[:3])), float(np.degrees(np.linalg.norm(d[3:])))
+
+
+def run(refiner: Refiner, frames, prior_m: float | None, prior_deg: float, seed: int = 0) -> dict:
+    """Refine every frame from a perturbed ground truth (None: no prior); figures of the outputs."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    prior_cov = None if prior_m is None else np.diag([prior_m**2] * 3 + [np.radians(prior_deg) ** 2] * 3)
+    for rgb, K, T_true in frames:
+        prior = None if prior_m is None else perturb_pose(T_true, prior_m, prior_deg, rng)
+        cpu = time.process_time()
+        result = refiner.refine(rgb, K, prior, prior_cov)
+        cpu_ms = (time.process_time() - cpu) * 1e3
+        out_err = errors(result.T, T_true)
+        prior_err = errors(prior, T_true) if prior is not None else (np.nan, np.nan)
+        covariance = result.covariance if result.refined else None
+        nees = (float(pose_difference(result.T, T_true) @ np.linalg.pinv(covariance) @ pose_difference(result.T, T_true))
+                if covariance is not None else np.nan)
+        rows.append({"refined": result.refined, "source": result.source, "pos": out_err[0], "rot": out_err[1],
+                     "prior_pos": prior_err[0], "prior_rot": prior_err[1], "inliers": result.inliers,
+                     "nees": nees, "cpu_ms": cpu_ms, **{f"{k}_ms": v for k, v in result.timing_ms.items()}})
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> dict:
+    col = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731
+    refined = col("refined").astype(bool)
+    pos, rot, ppos, prot = col("pos"), col("rot"), col("prior_pos"), col("prior_rot")
+    fine = lambda p, r: float(np.mean((p <= 0.25) & (r <= 2.0)))  # noqa: E731
+    worse = refined & ((pos > ppos + 1e-9) | (rot > prot + 1e-9)) if np.all(np.isfinite(ppos)) else np.zeros_like(refined)
+    return {
+        "frames": len(rows), "refined": float(refined.mean()),
+        "retrieval": float(np.mean([r["source"] == "retrieval" and r["refined"] for r in rows])),
+        "median_pos": float(np.median(pos)), "median_rot": float(np.median(rot)),
+        "refined_median_pos": float(np.median(pos[refined])) if refined.any() else np.nan,
+        "refined_median_rot": float(np.median(rot[refined])) if refined.any() else np.nan,
+        "p90_pos": float(np.percentile(pos, 90)), "fine": fine(pos, rot),
+        "prior_fine": fine(ppos, prot) if np.all(np.isfinite(ppos)) else np.nan,
+        "worse": int(worse.sum()), "inliers": float(np.median(col("inliers"))),
+        "nees": float(np.nanmean(col("nees"))) if refined.any() else np.nan,
+        **{k: float(np.median(col(k))) for k in ("features_ms", "matching_ms", "pose_ms", "total_ms", "cpu_ms")},
+    }
+
+
+def print_table(title: str, results: dict[str, dict]) -> None:
+    print(f"\n## {title}\n")
+    print("| run | frames | refined | of which by retrieval | median pos (m) | median rot (°) | p90 pos (m) | ≤0.25 m,2° (prior) | worse than prior | median inliers | NEES/6 | ms features / matching / pose / total (CPU) |")
+    print("|" + " --- |" * 12)
+    for name, s in results.items():
+        print(f"| {name} | {s['frames']} | {s['refined']:.1%} | {s['retrieval']:.1%} | {s['median_pos']:.4f} | {s['median_rot']:.3f} | "
+              f"{s['p90_pos']:.3f} | {s['fine']:.1%} ({s['prior_fine']:.1%}) | {s['worse']} | {s['inliers']:.0f} | "
+              f"{s['nees'] / 6:.2f} | {s['features_ms']:.0f} / {s['matching_ms']:.0f} / {s['pose_ms']:.0f} / "
+              f"{s['total_ms']:.0f} ({s['cpu_ms']:.0f}) |", flush=True)
+
+
+def print_maps(maps: dict[str, dict]) -> None:
+    print("\n| map | keyframes | points | MB | build s | covariance scale |\n| --- | --- | --- | --- | --- | --- |")
+    for name, m in maps.items():
+        print(f"| {name} | {m['keyframes']} | {m['points']} | {m['mb']} | {m['build_s']} | {m['covariance_scale']:.2f} |")
+
+
+def section_accuracy(args, work: Path) -> None:
+    scene_map, figures = cached_map(work / "default_sift.npz", args.scene, FeatureConfig())
+    print_maps({"default scene, SIFT, depth": figures})
+    frames = test_frames(args.scene, args.frames)
+    refiner = Refiner(scene_map)
+    print_table("accuracy (default scene, test trajectory)", {
+        f"prior = truth + ({args.prior_m} m, {args.prior_deg}°)": run(refiner, frames, args.prior_m, args.prior_deg),
+        f"same, retrieval off": run(Refiner(scene_map, RefinementConfig(retrieval=False)), frames, args.prior_m, args.prior_deg),
+        "no prior (retrieval + refinement)": run(refiner, frames, None, 0.0),
+        "grossly wrong prior (3 m, 90°)": run(refiner, frames, 3.0, 90.0, seed=1),
+    })
+
+
+def section_solvers(args, work: Path) -> None:
+    scene_map, _ = cached_map(work / "default_sift.npz", args.scene, FeatureConfig())
+    frames = test_frames(args.scene, args.frames)
+    print_table("solvers (same map and priors)", {
+        solver: run(Refiner(scene_map, RefinementConfig(solver=solver)), frames, args.prior_m, args.prior_deg)
+        for solver in ("pycolmap", "poselib", "opencv")
+    })
+
+
+def shifted_depth_factory(dx: int, dy: int):
+    """Depth read ``(dx, dy)`` pixels off the colour image, as from an unregistered depth camera."""
+    def factory(dataset, index, rgb, K, T):
+        depth = read_depth_m(dataset, index)
+        shifted = np.zeros_like(depth)
+        h, w = depth.shape
+        shifted[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = depth[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+        return depth_lift(shifted, K, T)
+    return factory
+
+
+def section_misregistered(args, work: Path) -> None:
+    dx, dy = args.depth_shift
+    lift = shifted_depth_factory(dx, dy)
+    tag = f"shift{dx}_{dy}"
+    maps, figures = {}, {}
+    maps["registered depth"], figures["registered depth"] = cached_map(work / "default_sift.npz", args.scene, FeatureConfig())
+    maps[f"depth shifted ({dx}, {dy}) px"], figures[f"depth shifted ({dx}, {dy}) px"] = cached_map(
+        work / f"{tag}.npz", args.scene, FeatureConfig(), lift_factory=lift)
+    for views in (2, 3):
+        name = f"shifted + agreement of {views} keyframes"
+        maps[name], figures[name] = cached_map(work / f"{tag}_agree{views}.npz", args.scene, FeatureConfig(), lift_factory=lift,
+                                               agreement=views, base=work / f"{tag}.npz")
+    try:
+        maps["triangulation (no depth)"], figures["triangulation (no depth)"] = cached_map(
+            work / "triangulation.npz", args.scene, FeatureConfig(), points="triangulation")
+    except Exception as err:  # noqa: BLE001 - the depth-free mode is optional here
+        print(f"(triangulation map skipped: {err})")
+    print_maps(figures)
+    frames = test_frames(args.scene, args.frames)
+    print_table(f"misregistered depth (depth image shifted by ({dx}, {dy}) px at {frames[0][0].shape[1]}x{frames[0][0].shape[0]})",
+                {name: run(Refiner(m), frames, args.prior_m, args.prior_deg) for name, m in maps.items()})
+
+
+def section_timing(args, work: Path) -> None:
+    root = ensure_scene(work / "scene_640", SyntheticSceneConfig(width=640, height=480, frames_train=400, frames_test=40,
+                                                                 train_sequences=2))
+    variants = {
+        "SIFT (full 640x480)": FeatureConfig(),
+        "SIFT on the half-size image (max_image_size 320)": FeatureConfig(max_image_size=320),
+        "ORB (full 640x480)": FeatureConfig(type="orb"),
+    }
+    maps, results = {}, {}
+    frames = test_frames(root, None)
+    for i, (name, features) in enumerate(variants.items()):
+        scene_map, maps[name] = cached_map(work / f"640_{i}.npz", root, features, calibrate_frames=20)
+        results[name] = run(Refiner(scene_map), frames, args.prior_m, args.prior_deg)
+    print_maps(maps)
+    print_table("time per frame at 640x480 (own 640x480 scene: 400 training frames, 40 test frames)", results)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scene", type=Path, default=Path("/tmp/scene_default"), help="default synthetic scene (rendered if missing)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_refine"), help="cache of maps and the 640x480 scene")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--frames", type=int, default=0, help="test frames per run (0: all)")
+    p.add_argument("--prior-m", type=float, default=0.5)
+    p.add_argument("--prior-deg", type=float, default=10.0)
+    p.add_argument("--depth-shift", type=int, nargs=2, default=(4, 3), metavar=("DX", "DY"))
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    ensure_scene(args.scene, SyntheticSceneConfig())
+    import os
+
+    print(f"bench_refine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    for section in args.sections:
+        start = time.perf_counter()
+        globals()[f"section_{section}"](args, args.work)
+        print(f"({section}: {time.perf_counter() - start:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,591 @@
+"""Geometric refinement of a pose prior against a scene map: features -> 2D–3D matches -> PnP-RANSAC.
+
+The regressor says *where to look*; this stage makes the answer precise and knows
+when it is wrong (ROS-free; shared by the node, ``evaluate --map`` and
+``relocalize-bag --map``)::
+
+    refiner = Refiner(SceneMap.load("scene.npz"), RefinementConfig())
+    result = refiner.refine(rgb, K, prior_T, prior_covariance)   # RefinementResult
+    if result.status == "refined": use result.T, result.covariance
+
+Steps: the ``keyframes`` map keyframes nearest to the prior (position + viewing
+direction) -> the query's local features (the map's own feature config) matched
+to each keyframe's (ratio test + mutual check) -> 2D–3D correspondences ->
+absolute pose by LO-RANSAC + non-linear refinement (``solver``: pycolmap by
+default, poselib or OpenCV USAC) -> covariance from the geometry -> gate against
+the prior. Without a prior, or when the prior's keyframes give too few inliers,
+keyframes are retrieved by appearance (``retrieval``).
+
+``status`` is ``refined`` or ``fallback``; a fallback returns the prior's pose and
+covariance unchanged and says why in ``reason``.
+
+Covariance: ``s · σ² (JᵀJ)⁻¹`` with ``J`` the Jacobian of the inliers' pixel
+residuals with respect to the camera centre (map frame) and a small rotation about
+the map axes (the order and convention of :mod:`ros2_posenet.covariance`: x, y, z,
+roll, pitch, yaw), ``σ²`` the inliers' residual variance, and ``s`` a scale
+calibrated on held-out images when the map is built (:func:`calibrate_covariance_scale`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from .features import detect_features, match_features
+from .geometry import invert_matrix, matrix_to_pose
+from .preprocess import check_rgb_image
+from .scene_map import SceneMap
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("pycolmap", "poselib", "opencv")
+STATUS_REFINED = "refined"
+STATUS_FALLBACK = "fallback"
+
+
+@dataclass(frozen=True)
+class RefinementConfig:
+    """Settings of the geometric stage (node parameters ``refine.<field>``).
+
+    Attributes:
+        keyframes: keyframes matched per attempt.
+        metres_per_radian: keyframe distance = centre distance + this × angle between views.
+        max_keyframe_angle_deg: keyframes looking further away from the prior are not used.
+        solver: ``pycolmap`` (LO-RANSAC + Ceres refinement), ``poselib`` or ``opencv``
+            (USAC MAGSAC++ + Levenberg–Marquardt); see bench/RESULTS.md for why the default.
+        ransac_threshold_px: inlier reprojection threshold in query pixels.
+        min_inliers: fewer inliers -> fallback.
+        min_inlier_ratio: inliers / correspondences below this -> fallback.
+        gate_sigma: the refined pose may differ from the prior by at most this many
+            standard deviations of (prior + refined) covariance, in position and in
+            rotation (Mahalanobis distance, 3 dof each).
+        max_correction_m, max_correction_deg: absolute caps on the correction (0: none).
+        default_prior_std_m, default_prior_std_deg: prior uncertainty assumed when the
+            caller gives no prior covariance.
+        retrieval: when the prior's keyframes fail (or there is no prior), try the
+            keyframes most similar in appearance. A pose found this way is not gated
+            by the prior (the prior was wrong) and has ``source = 'retrieval'``.
+        retrieval_keyframes: keyframes retrieved per attempt.
+        retrieval_min_inliers: stricter inlier count for a retrieval answer (it has no prior to agree with).
+        retrieval_confirms: a pose the gate refused is accepted (``source = 'retrieval'``) when
+            keyframes retrieved by appearance independently give the same pose: then the
+            prior, not the geometry, was wrong (a regressor's gross errors often come with
+            an over-confident covariance). Never past ``max_correction_m/deg``. Off: every
+            gated pose is a fallback.
+        covariance_scale: factor on the geometric covariance; 0 = the map's calibration (1 without one).
+        min_position_std, min_rotation_std_deg: floors of the reported standard deviations.
+    """
+
+    keyframes: int = 4
+    metres_per_radian: float = 1.0
+    max_keyframe_angle_deg: float = 60.0
+    solver: str = "pycolmap"
+    ransac_threshold_px: float = 4.0
+    min_inliers: int = 30
+    min_inlier_ratio: float = 0.15
+    gate_sigma: float = 4.0
+    max_correction_m: float = 0.0
+    max_correction_deg: float = 0.0
+    default_prior_std_m: float = 0.5
+    default_prior_std_deg: float = 10.0
+    retrieval: bool = True
+    retrieval_keyframes: int = 8
+    retrieval_min_inliers: int = 50
+    retrieval_confirms: bool = True
+    covariance_scale: float = 0.0
+    min_position_std: float = 0.002
+    min_rotation_std_deg: float = 0.05
+
+    def __post_init__(self):
+        positive = ("metres_per_radian", "ransac_threshold_px", "gate_sigma", "default_prior_std_m", "default_prior_std_deg")
+        non_negative = ("max_correction_m", "max_correction_deg", "covariance_scale", "min_position_std",
+                        "min_rotation_std_deg", "min_inlier_ratio")
+        problems = [f"{n} must be > 0, got {getattr(self, n)!r}" for n in positive
+                    if not (math.isfinite(float(getattr(self, n))) and float(getattr(self, n)) > 0)]
+        problems += [f"{n} must be >= 0, got {getattr(self, n)!r}" for n in non_negative
+                     if not (math.isfinite(float(getattr(self, n))) and float(getattr(self, n)) >= 0)]
+        for name in ("keyframes", "retrieval_keyframes"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1")
+        for name in ("min_inliers", "retrieval_min_inliers"):
+            if int(getattr(self, name)) < 6:
+                problems.append(f"{name} must be >= 6 (a pose has 6 degrees of freedom)")
+        if not 0 < float(self.max_keyframe_angle_deg) <= 180:
+            problems.append("max_keyframe_angle_deg must be in (0, 180]")
+        if self.solver not in SOLVERS:
+            problems.append(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if float(self.min_inlier_ratio) > 1:
+            problems.append("min_inlier_ratio must be <= 1")
+        if problems:
+            raise ValueError("refinement config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RefinementConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (typos in a params file)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"refinement config: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path) -> "RefinementConfig":
+        """From a YAML mapping of the fields (config/refine.yaml); ``ValueError`` names the file."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(open(path)) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"cannot read refinement config {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of RefinementConfig fields")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+@dataclass
+class RefinementResult:
+    """Outcome of :meth:`Refiner.refine`.
+
+    Attributes:
+        status: ``refined`` or ``fallback``.
+        reason: why (always set; for ``refined``, how: e.g. "120 inliers from 4 keyframes").
+        T: (4, 4) camera-to-world pose (the prior's on fallback; without a prior, the
+            best retrieved keyframe's).
+        covariance: (6, 6) x y z roll pitch yaw (map axes), the prior's on fallback
+            (None if none was given).
+        inliers: RANSAC inliers of the estimate (0 if none).
+        matches: 2D–3D correspondences tried.
+        keyframes_used: map keyframe indices matched, in order.
+        source: ``prior`` (keyframes near the prior) or ``retrieval`` (by appearance).
+        timing_ms: ``features``, ``matching``, ``pose``, ``total``.
+        correction: position (m) and rotation (deg) difference refined vs prior (NaN without prior / estimate).
+    """
+
+    status: str
+    reason: str
+    T: np.ndarray
+    covariance: np.ndarray | None
+    inliers: int = 0
+    matches: int = 0
+    keyframes_used: list[int] = field(default_factory=list)
+    source: str = "prior"
+    timing_ms: dict = field(default_factory=dict)
+    correction: tuple[float, float] = (float("nan"), float("nan"))
+
+    @property
+    def refined(self) -> bool:
+        return self.status == STATUS_REFINED
+
+    @property
+    def position(self) -> np.ndarray:
+        """(3,) camera centre in the map frame."""
+        return self.T[:3, 3].copy()
+
+    @property
+    def quaternion(self) -> np.ndarray:
+        """(4,) w, x, y, z camera-to-world, ``w >= 0`` (as :class:`~ros2_posenet.inference.PosePrediction`)."""
+        return matrix_to_pose(self.T)[1]
+
+
+# ----------------------------------------------------------------------------- pose solvers
+
+
+def _solve_pycolmap(p2d, p3d, K, size, threshold):
+    import pycolmap
+
+    camera = pycolmap.Camera(model="PINHOLE", width=int(size[0]), height=int(size[1]),
+                             params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]])
+    options = pycolmap.AbsolutePoseEstimationOptions()
+    options.ransac.max_error = float(threshold)
+    options.ransac.random_seed = 0  # reproducible answers
+    answer = pycolmap.estimate_and_refine_absolute_pose(p2d, p3d, camera, options)
+    if answer is None:
+        return None, np.zeros(len(p2d), bool)
+    return answer["cam_from_world"].matrix(), np.asarray(answer["inlier_mask"], bool)
+
+
+def _solve_poselib(p2d, p3d, K, size, threshold):
+    import poselib
+
+    camera = {"model": "PINHOLE", "width": int(size[0]), "height": int(size[1]),
+              "params": [K[0, 0], K[1, 1], K[0, 2], K[1, 2]]}
+    pose, info = poselib.estimate_absolute_pose(p2d, p3d, camera, {"max_reproj_error": float(threshold), "seed": 0}, {})
+    inliers = np.asarray(info.get("inliers", []), bool)
+    if inliers.sum() < 4:
+        return None, np.zeros(len(p2d), bool)
+    return np.hstack([pose.R, np.asarray(pose.t).reshape(3, 1)]), inliers
+
+
+def _solve_opencv(p2d, p3d, K, size, threshold):
+    params = cv2.UsacParams()
+    params.sampler = cv2.SAMPLING_UNIFORM
+    params.score = cv2.SCORE_METHOD_MAGSAC
+    params.loMethod = cv2.LOCAL_OPTIM_SIGMA
+    params.threshold = float(threshold)
+    params.confidence = 0.9999
+    params.maxIterations = 10000
+    params.randomGeneratorState = 0
+    ok, _, rvec, tvec, inliers = cv2.solvePnPRansac(p3d, p2d, K, None, params=params)
+    if not ok or inliers is None or len(inliers) < 4:
+        return None, np.zeros(len(p2d), bool)
+    mask = np.zeros(len(p2d), bool)
+    mask[inliers.ravel()] = True
+    rvec, tvec = cv2.solvePnPRefineLM(p3d[mask], p2d[mask], K, None, rvec, tvec)
+    return np.hstack([cv2.Rodrigues(rvec)[0], tvec.reshape(3, 1)]), mask
+
+
+def require_solver(solver: str) -> None:
+    """Raise ValueError, saying what to install, when ``solver``'s library is missing."""
+    if solver == "opencv":
+        return
+    try:
+        __import__(solver)
+    except ImportError:
+        raise ValueError(f"refinement solver {solver!r} is not installed: pip install -r requirements.txt "
+                         "(or use solver: opencv)") from None
+
+
+_SOLVER_FUNCTIONS = {"pycolmap": _solve_pycolmap, "poselib": _solve_poselib, "opencv": _solve_opencv}
+
+
+def solve_absolute_pose(points2d: np.ndarray, points3d: np.ndarray, K: np.ndarray, image_size: tuple[int, int],
+                        threshold_px: float = 4.0, solver: str = "pycolmap") -> tuple[np.ndarray | None, np.ndarray]:
+    """Camera pose from 2D–3D correspondences by RANSAC + non-linear refinement.
+
+    Args:
+        points2d: (N, 2) pixels; points3d: (N, 3) world points; K: (3, 3); image_size: (w, h).
+
+    Returns:
+        ``(T (4, 4) camera-to-world or None, inlier mask (N,) bool)``.
+    """
+    if solver not in _SOLVER_FUNCTIONS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    p2d = np.ascontiguousarray(points2d, np.float64).reshape(-1, 2)
+    p3d = np.ascontiguousarray(points3d, np.float64).reshape(-1, 3)
+    if len(p2d) < 6:
+        return None, np.zeros(len(p2d), bool)
+    try:
+        cam_from_world, inliers = _SOLVER_FUNCTIONS[solver](p2d, p3d, np.asarray(K, np.float64), image_size, threshold_px)
+    except (RuntimeError, ValueError, cv2.error) as err:  # degenerate input inside the library: no pose, not a crash
+        log.debug("absolute pose solver %s failed: %s", solver, err)
+        return None, np.zeros(len(p2d), bool)
+    if cam_from_world is None or not np.all(np.isfinite(cam_from_world)):
+        return None, np.zeros(len(p2d), bool)
+    T = np.eye(4)
+    T[:3, :4] = cam_from_world
+    return invert_matrix(T), inliers
+
+
+# ----------------------------------------------------------------------------- covariance and gate
+
+
+def skew(v: np.ndarray) -> np.ndarray:
+    """(…, 3, 3) cross-product matrices of vectors (…, 3)."""
+    v = np.asarray(v, np.float64)
+    z = np.zeros(v.shape[:-1])
+    return np.stack((np.stack((z, -v[..., 2], v[..., 1]), -1),
+                     np.stack((v[..., 2], z, -v[..., 0]), -1),
+                     np.stack((-v[..., 1], v[..., 0], z), -1)), -2)
+
+
+def reprojection_jacobian(T_world_camera: np.ndarray, K: np.ndarray, points3d: np.ndarray):
+    """Pixels (N, 2), and their Jacobian (N, 2, 6) with respect to the pose.
+
+    Pose perturbation (map frame, the order of :mod:`ros2_posenet.covariance`):
+    ``t ← t + δt`` (camera centre) and ``R ← exp([δθ]×) R`` (rotation about the map
+    axes), parameters ``(δt, δθ)``. With ``X_c = Rᵀ (X − t)``: ``∂X_c/∂δt = −Rᵀ`` and
+    ``∂X_c/∂δθ = Rᵀ [X − t]×``.
+    """
+    R, t = T_world_camera[:3, :3], T_world_camera[:3, 3]
+    d = np.asarray(points3d, np.float64) - t
+    Xc = d @ R
+    x, y, z = Xc[:, 0], Xc[:, 1], Xc[:, 2]
+    fx, fy = K[0, 0], K[1, 1]
+    uv = np.stack((fx * x / z + K[0, 2], fy * y / z + K[1, 2]), axis=1)
+    zero = np.zeros_like(z)
+    d_uv_d_xc = np.stack((np.stack((fx / z, zero, -fx * x / z**2), -1),
+                          np.stack((zero, fy / z, -fy * y / z**2), -1)), -2)  # (N, 2, 3)
+    d_xc = np.concatenate((np.broadcast_to(-R.T, (len(d), 3, 3)), R.T @ skew(d)), axis=2)  # (N, 3, 6)
+    return uv, d_uv_d_xc @ d_xc
+
+
+def geometric_covariance(T_world_camera: np.ndarray, K: np.ndarray, points2d: np.ndarray, points3d: np.ndarray) -> np.ndarray:
+    """Unscaled pose covariance ``σ² (JᵀJ)⁻¹`` (6, 6) from the inlier correspondences."""
+    uv, J = reprojection_jacobian(T_world_camera, K, points3d)
+    residuals = (uv - points2d).reshape(-1)
+    J = J.reshape(-1, 6)
+    dof = max(1, len(residuals) - 6)
+    sigma2 = max(float(residuals @ residuals) / dof, 1e-4)  # never below (0.01 px)²
+    return sigma2 * np.linalg.pinv(J.T @ J)
+
+
+def rotation_vector(R: np.ndarray) -> np.ndarray:
+    """Axis × angle (3,) of a rotation matrix."""
+    return cv2.Rodrigues(np.asarray(R, np.float64))[0].ravel()
+
+
+def pose_difference(T_a: np.ndarray, T_b: np.ndarray) -> np.ndarray:
+    """(6,) ``(t_a − t_b, rotvec(R_a R_bᵀ))``: position and rotation about the map axes."""
+    return np.concatenate((T_a[:3, 3] - T_b[:3, 3], rotation_vector(T_a[:3, :3] @ T_b[:3, :3].T)))
+
+
+def mahalanobis(delta: np.ndarray, covariance: np.ndarray) -> float:
+    """``sqrt(δᵀ Σ⁻¹ δ)`` (pseudo-inverse, so a singular Σ does not crash)."""
+    return float(math.sqrt(max(0.0, float(delta @ np.linalg.pinv(covariance) @ delta))))
+
+
+# ----------------------------------------------------------------------------- the refiner
+
+
+def _check_inputs(rgb, K, prior_T, prior_covariance):
+    check_rgb_image(rgb)
+    K = np.asarray(K, np.float64)
+    if K.shape != (3, 3) or not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise ValueError(f"K must be a finite 3x3 intrinsics matrix with positive focal lengths, got {K.tolist()}")
+    if prior_T is not None:
+        prior_T = np.asarray(prior_T, np.float64)
+        R = prior_T[:3, :3] if prior_T.shape == (4, 4) else None
+        if R is None or not np.all(np.isfinite(prior_T)) or np.abs(R @ R.T - np.eye(3)).max() > 1e-3:
+            raise ValueError("prior_T must be a finite rigid 4x4 camera-to-world matrix")
+    if prior_covariance is not None:
+        prior_covariance = np.asarray(prior_covariance, np.float64)
+        if prior_covariance.shape != (6, 6) or not np.all(np.isfinite(prior_covariance)):
+            raise ValueError("prior_covariance must be a finite 6x6 matrix (x y z roll pitch yaw)")
+    return K, prior_T, prior_covariance
+
+
+class Refiner:
+    """Refines pose priors against one :class:`SceneMap` (thread-compatible: no shared mutable state per call)."""
+
+    def __init__(self, scene_map: SceneMap, config: RefinementConfig | None = None):
+        self.map = scene_map
+        self.config = config or RefinementConfig()
+        require_solver(self.config.solver)
+        calibrated = scene_map.metadata.get("calibration", {}).get("covariance_scale")
+        self.covariance_scale = float(self.config.covariance_scale or calibrated or 1.0)
+
+    def refine(self, rgb: np.ndarray, K: np.ndarray, prior_T: np.ndarray | None = None,
+               prior_covariance: np.ndarray | None = None) -> RefinementResult:
+        """Refine ``prior_T`` (camera-to-world, optical frame, map frame) for image ``rgb``.
+
+        Args:
+            rgb: HxWx3 uint8 RGB query image.
+            K: (3, 3) intrinsics of ``rgb``.
+            prior_T: (4, 4) prior pose (e.g. the regressor's); None = retrieval only.
+            prior_covariance: (6, 6) x y z roll pitch yaw of the prior; None = the
+                config's default prior std for the gate, and None on fallback.
+
+        Raises:
+            ValueError: malformed arguments only. Data-dependent failures (no features,
+            too few inliers, disagreement) return ``status='fallback'``.
+        """
+        start = time.perf_counter()
+        K, prior_T, prior_covariance = _check_inputs(rgb, K, prior_T, prior_covariance)
+        cfg = self.config
+        if prior_T is None and not cfg.retrieval:
+            raise ValueError("refine needs a prior pose when retrieval is off (RefinementConfig.retrieval)")
+        timing = {"features": 0.0, "matching": 0.0, "pose": 0.0}
+        size = (rgb.shape[1], rgb.shape[0])
+
+        t0 = time.perf_counter()
+        keypoints, descriptors = detect_features(rgb, self.map.feature_config)
+        timing["features"] = (time.perf_counter() - t0) * 1e3
+
+        tried: list[int] = []
+        attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
+            source, keyframes, keypoints, descriptors, K, size, prior_T, prior_covariance, timing, tried, previous)
+        if prior_T is not None:
+            outcome = attempt("prior", self.map.nearest_keyframes(
+                prior_T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg))
+            if outcome.get("gated") and not outcome.get("capped") and cfg.retrieval and cfg.retrieval_confirms:
+                outcome = self._confirm_by_retrieval(outcome, attempt("retrieval", self._retrieve(rgb, tried)))
+            elif cfg.retrieval and not outcome["ok"] and not outcome.get("gated"):
+                outcome = attempt("retrieval", self._retrieve(rgb, tried), previous=outcome)
+        else:
+            outcome = attempt("retrieval", self._retrieve(rgb, tried))
+        timing["total"] = (time.perf_counter() - start) * 1e3
+        return self._result(outcome, prior_T, prior_covariance, timing, tried)
+
+    # ---- internals
+
+    def _retrieve(self, rgb: np.ndarray, exclude: list[int]) -> np.ndarray:
+        ranked = self.map.retrieve_keyframes(rgb, self.config.retrieval_keyframes + len(exclude))
+        return np.array([i for i in ranked if i not in set(exclude)][: self.config.retrieval_keyframes], np.int64)
+
+    def _correspondences(self, keyframes, keypoints, descriptors, timing):
+        """2D–3D correspondences: each query feature's match in the first keyframe that has one."""
+        t0 = time.perf_counter()
+        used_query = np.zeros(len(keypoints), bool)
+        p2d, p3d = [], []
+        for kf in keyframes:
+            pairs = match_features(descriptors, self.map.descriptors[kf], self.map.feature_config)
+            pairs = pairs[~used_query[pairs[:, 0]]] if len(pairs) else pairs
+            used_query[pairs[:, 0]] = True
+            p2d.append(keypoints[pairs[:, 0]])
+            p3d.append(self.map.points3d[kf][pairs[:, 1]])
+        timing["matching"] += (time.perf_counter() - t0) * 1e3
+        if not p2d:
+            return np.zeros((0, 2)), np.zeros((0, 3))
+        return np.concatenate(p2d).astype(np.float64), np.concatenate(p3d).astype(np.float64)
+
+    def _attempt(self, source, keyframes, keypoints, descriptors, K, size, prior_T, prior_cov, timing, tried, previous=None):
+        cfg = self.config
+        outcome = {"ok": False, "source": source, "keyframes": [], "inliers": 0, "matches": 0, "T": None}
+        if len(keyframes) == 0:
+            outcome["reason"] = ("no keyframe of the map looks the way the prior does" if source == "prior"
+                                 else "no keyframe retrieved")
+            return outcome if previous is None else {**previous, "reason": previous["reason"] + "; " + outcome["reason"]}
+        tried.extend(int(k) for k in keyframes)
+        outcome["keyframes"] = [int(k) for k in keyframes]
+        if len(keypoints) < 6:
+            outcome["reason"] = f"only {len(keypoints)} features in the image"
+            return outcome if previous is None else {**previous, "reason": outcome["reason"]}
+        p2d, p3d = self._correspondences(keyframes, keypoints, descriptors, timing)
+        outcome["matches"] = len(p2d)
+        t0 = time.perf_counter()
+        min_inliers = cfg.min_inliers if source == "prior" else cfg.retrieval_min_inliers
+        T, inliers = solve_absolute_pose(p2d, p3d, K, size, cfg.ransac_threshold_px, cfg.solver)
+        n_in = int(inliers.sum())
+        outcome["inliers"] = n_in
+        if T is None or n_in < min_inliers or n_in < cfg.min_inlier_ratio * max(1, len(p2d)):
+            timing["pose"] += (time.perf_counter() - t0) * 1e3
+            what = "keyframes near the prior" if source == "prior" else "retrieved keyframes"
+            outcome["reason"] = (f"too few inliers with the {what}: {n_in} of {len(p2d)} matches "
+                                 f"(need {min_inliers} and {cfg.min_inlier_ratio:.0%})")
+            if previous is not None:
+                outcome["reason"] = previous["reason"] + "; " + outcome["reason"]
+            return outcome
+        covariance = self._covariance(T, K, p2d[inliers], p3d[inliers])
+        timing["pose"] += (time.perf_counter() - t0) * 1e3
+        outcome.update(T=T, covariance=covariance, ok=True,
+                       reason=f"{n_in} inliers of {len(p2d)} matches from {len(keyframes)} {source} keyframes")
+        if prior_T is not None:
+            delta = pose_difference(T, prior_T)
+            outcome["correction"] = (float(np.linalg.norm(delta[:3])), float(np.degrees(np.linalg.norm(delta[3:]))))
+            if source == "prior":
+                gate, capped = self._gate(delta, covariance, prior_cov)
+                if gate:
+                    outcome.update(ok=False, gated=True, capped=capped, reason=gate)
+            else:
+                outcome["reason"] += (f"; the prior was {outcome['correction'][0]:.2f} m, "
+                                      f"{outcome['correction'][1]:.1f}° away")
+        return outcome
+
+    def _confirm_by_retrieval(self, gated: dict, retrieved: dict) -> dict:
+        """Accept a pose the gate refused when keyframes found by appearance alone give the same pose.
+
+        Two independent keyframe sets agreeing (within ``gate_sigma`` of their summed
+        covariances) mean the prior was wrong, not the geometry.
+        """
+        if retrieved["ok"]:
+            delta = pose_difference(retrieved["T"], gated["T"])
+            total = retrieved["covariance"] + gated["covariance"]
+            if max(mahalanobis(delta[:3], total[:3, :3]), mahalanobis(delta[3:], total[3:, 3:])) <= self.config.gate_sigma:
+                return {**retrieved, "reason": retrieved["reason"] + "; confirms the pose the gate refused: " + gated["reason"]}
+            return {**gated, "reason": gated["reason"] + "; retrieved keyframes gave another pose"}
+        return {**gated, "reason": gated["reason"] + "; retrieved keyframes did not confirm it"}
+
+    def _gate(self, delta: np.ndarray, covariance: np.ndarray, prior_cov: np.ndarray | None) -> tuple[str, bool]:
+        """``("", False)`` if the refined pose agrees with the prior, else ``(why not, whether an absolute cap was hit)``."""
+        cfg = self.config
+        if prior_cov is None:
+            prior_cov = np.diag([cfg.default_prior_std_m**2] * 3 + [np.radians(cfg.default_prior_std_deg) ** 2] * 3)
+        total = prior_cov + covariance
+        d_pos, d_rot = mahalanobis(delta[:3], total[:3, :3]), mahalanobis(delta[3:], total[3:, 3:])
+        metres, degrees = float(np.linalg.norm(delta[:3])), float(np.degrees(np.linalg.norm(delta[3:])))
+        why = []
+        if d_pos > cfg.gate_sigma or d_rot > cfg.gate_sigma:
+            why.append(f"{d_pos:.1f}σ in position, {d_rot:.1f}σ in rotation (gate {cfg.gate_sigma:g}σ)")
+        if cfg.max_correction_m and metres > cfg.max_correction_m:
+            why.append(f"{metres:.2f} m > max_correction_m {cfg.max_correction_m:g}")
+        if cfg.max_correction_deg and degrees > cfg.max_correction_deg:
+            why.append(f"{degrees:.1f}° > max_correction_deg {cfg.max_correction_deg:g}")
+        if not why:
+            return "", False
+        capped = any("max_correction" in w for w in why)
+        return f"refined pose disagrees with the prior by {metres:.2f} m, {degrees:.1f}°: " + "; ".join(why), capped
+
+    def _covariance(self, T, K, p2d, p3d) -> np.ndarray:
+        cfg = self.config
+        cov = self.covariance_scale * geometric_covariance(T, K, p2d, p3d)
+        floor = np.array([cfg.min_position_std**2] * 3 + [np.radians(cfg.min_rotation_std_deg) ** 2] * 3)
+        cov[np.diag_indices(6)] = np.maximum(np.diag(cov), floor)
+        return 0.5 * (cov + cov.T)
+
+    def _result(self, outcome, prior_T, prior_cov, timing, tried) -> RefinementResult:
+        common = dict(inliers=outcome["inliers"], matches=outcome["matches"], keyframes_used=list(dict.fromkeys(tried)),
+                      source=outcome["source"], timing_ms=timing,
+                      correction=outcome.get("correction", (float("nan"), float("nan"))))
+        if outcome["ok"]:
+            return RefinementResult(STATUS_REFINED, outcome["reason"], outcome["T"], outcome["covariance"], **common)
+        if prior_T is not None:
+            return RefinementResult(STATUS_FALLBACK, outcome["reason"], prior_T.copy(),
+                                    None if prior_cov is None else prior_cov.copy(), **common)
+        if not tried:  # an empty map cannot be built, so retrieval always returns keyframes
+            raise AssertionError("no keyframe was tried")
+        return RefinementResult(STATUS_FALLBACK, outcome["reason"] + "; answering the best retrieved keyframe's pose",
+                                self.map.poses[tried[0]].copy(), None, **common)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def perturb_pose(T_world_camera: np.ndarray, metres: float, degrees: float, rng: np.random.Generator) -> np.ndarray:
+    """The pose moved by exactly ``metres`` and turned by exactly ``degrees`` in random directions (priors for tests)."""
+    direction = rng.normal(size=3)
+    axis = rng.normal(size=3)
+    T = np.array(T_world_camera, np.float64, copy=True)
+    T[:3, 3] += metres * direction / np.linalg.norm(direction)
+    R_delta = cv2.Rodrigues(np.radians(degrees) * axis / np.linalg.norm(axis))[0]
+    T[:3, :3] = R_delta @ T[:3, :3]
+    return T
+
+
+def calibrate_covariance_scale(scene_map: SceneMap, samples: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                               config: RefinementConfig | None = None, prior_metres: float = 0.3,
+                               prior_degrees: float = 5.0, seed: int = 0) -> dict:
+    """Scale ``s`` that makes the geometric covariance match the errors on held-out images.
+
+    For each ``(rgb, K, T_true)`` the true pose, perturbed, is refined; with the
+    unscaled covariance ``Σ`` and error ``δ`` (:func:`pose_difference`), the scale is
+    the mean of ``δᵀ Σ⁻¹ δ / 6`` over the refined frames, so that the scaled
+    covariance has the expected normalised squared error of a calibrated one (6).
+
+    Returns:
+        ``{"covariance_scale", "frames", "refined", "median_position_m", "median_rotation_deg"}``
+        (scale 1.0 when nothing was refined).
+    """
+    base = config or RefinementConfig()
+    refiner = Refiner(scene_map, replace(base, covariance_scale=1.0, min_position_std=0.0, min_rotation_std_deg=0.0,
+                                         retrieval=False))
+    refiner.covariance_scale = 1.0
+    rng = np.random.default_rng(seed)
+    normalised, pos, rot, frames = [], [], [], 0
+    for rgb, K, T_true in samples:
+        frames += 1
+        prior = perturb_pose(T_true, prior_metres, prior_degrees, rng)
+        result = refiner.refine(rgb, K, prior, None)
+        if not result.refined:
+            continue
+        delta = pose_difference(result.T, T_true)
+        normalised.append(float(delta @ np.linalg.pinv(result.covariance) @ delta) / 6.0)
+        pos.append(float(np.linalg.norm(delta[:3])))
+        rot.append(float(np.degrees(np.linalg.norm(delta[3:]))))
+    return {
+        "covariance_scale": float(np.mean(normalised)) if normalised else 1.0,
+        "frames": frames,
+        "refined": len(normalised),
+        "median_position_m": float(np.median(pos)) if pos else float("nan"),
+        "median_rotation_deg": float(np.median(rot)) if rot else float("nan"),
+    }

@@ -1,0 +1,117 @@
+"""posenet_node with a scene map over the real rclpy: CameraInfo + map -> refined poses, fallbacks, diagnostics.
+
+The regressor is an untrained network (its pose is a guess near the room's centre, with a
+broad calibrated covariance); the refinement against a map of the rendered room must turn
+that guess into the true camera pose, and without CameraInfo the node must keep answering
+with the regressor's pose.
+"""
+import ros_fixtures
+from ros_fixtures import Probe, image_msg, make_posenet_node, stamp_key, wait_for
+
+ros_fixtures.isolate_ros_domain()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import rclpy  # noqa: E402
+import torch  # noqa: E402
+from builtin_interfaces.msg import Time  # noqa: E402
+from sensor_msgs.msg import CameraInfo  # noqa: E402
+
+from helpers import ROOM_K, room_map, room_pose, untrained_checkpoint  # noqa: E402
+from ros2_posenet.frames import CameraMount  # noqa: E402
+from ros2_posenet.geometry import rotation_angle_deg_np, matrix_to_pose  # noqa: E402
+from ros2_posenet.preprocess import PreprocessConfig  # noqa: E402
+from ros2_posenet.ros import messages  # noqa: E402
+from ros2_posenet.ros.node import ConfigurationError  # noqa: E402
+
+# A broad prior (2 m, ~100°): the regressor knows little, the map must do the work.
+BROAD = {"position_var": [4.0, 4.0, 4.0], "rotation_var": [3.0, 3.0, 3.0], "samples": 10}
+
+
+@pytest.fixture(scope="module")
+def context():
+    threads = torch.get_num_threads()
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    rclpy.shutdown(context=ctx)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def room(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refine_node")
+    scene, scene_map = room_map()
+    map_file = scene_map.save(folder / "room.npz")
+    checkpoint = untrained_checkpoint(folder / "ckpt.pt", [-2.5, 0.5, 1.3], PreprocessConfig(resize=72, crop=64), covariance=BROAD)
+    return scene, str(map_file), str(checkpoint)
+
+
+def camera_info(stamp) -> CameraInfo:
+    msg = CameraInfo(width=320, height=240, distortion_model="plumb_bob", k=[float(v) for v in ROOM_K.ravel()], d=[0.0] * 5)
+    msg.header.stamp = stamp
+    return msg
+
+
+def stamp_now(node) -> Time:
+    ns = node.get_clock().now().nanoseconds
+    return Time(sec=ns // 10**9, nanosec=ns % 10**9)
+
+
+def diagnostic(probe, key):
+    """The latest value of ``key`` on /diagnostics (None if not published yet)."""
+    for array in reversed(probe.diagnostics):
+        for status in array.status:
+            for value in status.values:
+                if value.key == key:
+                    return value.value
+    return None
+
+
+def test_camera_info_and_map_turn_the_regressor_guess_into_the_true_pose(context, room):
+    scene, map_file, checkpoint = room
+    node = make_posenet_node(context, "refine", checkpoint=checkpoint, map_file=map_file, diagnostics_period=0.2)
+    probe = Probe(context, "refine", extra_nodes=[node])
+    info_pub = probe.node.create_publisher(CameraInfo, "camera/camera_info", 10)
+    try:
+        T_true = room_pose(-2.6, 0.5, 1.3, 8.0)
+        rgb = scene.render(T_true, ROOM_K, 320, 240)[0]
+
+        # No CameraInfo yet: the regressor's pose goes out, the node says why and keeps going.
+        stamp = stamp_now(node)
+        assert probe.send(image_msg(rgb, stamp)), "no answer without CameraInfo"
+        assert wait_for(lambda: diagnostic(probe, "refine_no_camera_info") not in (None, "0"), 5.0)
+        guess = messages.matrix_from_pose_msg(probe.camera_poses[stamp_key(stamp)].pose)
+
+        # With CameraInfo: the refined pose, and a covariance far tighter than the regressor's.
+        assert wait_for(lambda: info_pub.get_subscription_count() > 0, 10.0), "the node never subscribed to camera_info"
+        for _ in range(3):
+            info_pub.publish(camera_info(stamp_now(node)))
+        assert wait_for(lambda: len(node._camera_infos) > 0, 5.0)
+        stamp = stamp_now(node)
+        assert probe.send(image_msg(rgb, stamp), timeout=20.0), "no answer with CameraInfo"
+        key = stamp_key(stamp)
+        T_cam = messages.matrix_from_pose_msg(probe.camera_poses[key].pose)
+        T_cam_true = CameraMount().camera_pose(T_true)
+        assert np.linalg.norm(T_cam[:3, 3] - T_cam_true[:3, 3]) < 0.05
+        assert rotation_angle_deg_np(matrix_to_pose(T_cam)[1], matrix_to_pose(T_cam_true)[1]) < 1.0
+        assert np.linalg.norm(guess[:3, 3] - T_cam_true[:3, 3]) > 0.1  # the regressor alone was not there
+        covariance = messages.covariance_from_msg(probe.poses_cov[key])
+        assert np.all(np.diag(covariance)[:3] < 0.01) and np.all(np.diag(covariance)[:3] > 0)
+        assert wait_for(lambda: diagnostic(probe, "refine_refined") not in (None, "0"), 5.0)
+        assert diagnostic(probe, "map_file") == map_file
+        assert float(diagnostic(probe, "sigma_x_m")) < 0.1
+        counts = node.counters()
+        assert counts.get("internal_error", 0) == 0 and counts.get("refine_error", 0) == 0
+    finally:
+        probe.close()
+        node.destroy_node()
+
+
+def test_a_bad_map_file_is_a_clear_start_up_error(context, room, tmp_path):
+    _, _, checkpoint = room
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a map")
+    for path in (tmp_path / "missing.npz", corrupt):
+        with pytest.raises(ConfigurationError, match="map_file"):
+            make_posenet_node(context, "badmap", checkpoint=checkpoint, map_file=str(path))

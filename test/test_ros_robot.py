@@ -1,0 +1,381 @@
+"""posenet_node on a robot, with the real rclpy over Fast DDS: /initialpose seeding with its
+confidence gate, ~/relocalize and ~/enable, max_rate_hz, the managed (lifecycle) node driven
+through lifecycle_msgs services as nav2_lifecycle_manager does, and switching the model (map)
+while images stream in.
+"""
+import contextlib
+import math
+import threading
+import time
+
+import ros_fixtures
+from ros_fixtures import Probe, image_msg, make_posenet_node, stamp_key, wait_for
+
+ros_fixtures.isolate_ros_domain()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import rclpy  # noqa: E402
+import torch  # noqa: E402
+from builtin_interfaces.msg import Time  # noqa: E402
+from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
+from lifecycle_msgs.msg import State, Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from std_srvs.srv import SetBool, Trigger  # noqa: E402
+
+from ros2_posenet.geometry import matrix_to_rpy, rpy_to_matrix  # noqa: E402
+from ros2_posenet.initial_pose import InitialPoseGate, RateLimiter, planar_initial_pose  # noqa: E402
+from ros2_posenet.ros import messages  # noqa: E402
+from ros2_posenet.ros.lifecycle_node import PoseNetLifecycleNode  # noqa: E402
+from ros2_posenet.ros.node import DROP_REASONS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def context():
+    threads = torch.get_num_threads()  # the nodes run with cpu_threads 1 (process-wide)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    rclpy.shutdown(context=ctx)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return ros_fixtures.tiny_trained_checkpoint(tmp_path_factory)
+
+
+class Robot:
+    """A posenet node and a Probe spinning them; the probe also listens to /initialpose and calls services."""
+
+    def __init__(self, context, namespace, node_class=None, **parameters):
+        parameters.setdefault("initial_pose_topic", "initialpose")  # in the test's namespace: no cross-talk
+        self.namespace = namespace
+        self.node = make_posenet_node(context, namespace, node_class=node_class, **parameters)
+        self.probe = Probe(context, namespace, extra_nodes=[self.node])
+        self.initial_poses: list = []
+        self._initial_pose_sub = None
+        self._stamps = 0
+
+    def listen_to_initial_pose(self) -> None:
+        self._initial_pose_sub = self.probe.node.create_subscription(PoseWithCovarianceStamped, "initialpose", self.initial_poses.append, 10)
+        assert wait_for(lambda: self.node.count_publishers(f"/{self.namespace}/initialpose") > 0 and self._initial_pose_sub is not None)
+
+    def call(self, srv_type, name: str, request, timeout: float = 20.0):
+        client = self.probe.node.create_client(srv_type, f"/{self.namespace}/posenet_node/{name}")
+        try:
+            assert client.wait_for_service(timeout_sec=10.0), f"service {name} not offered"
+            future = client.call_async(request)
+            assert wait_for(future.done, timeout), f"service {name} did not answer"
+            return future.result()
+        finally:
+            self.probe.node.destroy_client(client)
+
+    def stamp(self) -> Time:
+        ns = self.node.get_clock().now().nanoseconds + self._stamps * 1000  # unique even within one clock tick
+        self._stamps += 1
+        return Time(sec=ns // 10**9, nanosec=ns % 10**9)
+
+    def close(self):
+        self.probe.close()
+        self.node.destroy_node()
+
+
+@pytest.fixture
+def start(context):
+    running = []
+
+    def _start(namespace, **parameters):
+        robot = Robot(context, namespace, **parameters)
+        running.append(robot)
+        return robot
+
+    yield _start
+    for robot in running:
+        robot.close()
+
+
+@contextlib.contextmanager
+def streaming(r: Robot, images: list, period: float = 0.1, sent: list | None = None):
+    """Publish ``images`` in a loop with fresh stamps (a camera) while the block runs."""
+    stop = threading.Event()
+
+    def stream():
+        i = 0
+        while not stop.is_set():
+            stamp = r.stamp()
+            if sent is not None:
+                sent.append(stamp_key(stamp))
+            r.probe.image_pub.publish(image_msg(images[i % len(images)], stamp))
+            i += 1
+            time.sleep(period)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        streamer.join()
+
+
+def counts_add_up(counts: dict) -> bool:
+    """received = processed + every drop reason (paused and rate-limited frames are not received)."""
+    return counts.get("received", 0) == counts.get("processed", 0) + sum(counts.get(reason, 0) for reason in DROP_REASONS)
+
+
+# ----------------------------------------------------------------------------- ROS-free rules
+
+
+def test_planar_initial_pose_keeps_x_y_yaw_and_their_covariance():
+    T = np.eye(4)
+    T[:3, :3] = rpy_to_matrix(0.1, -0.05, 0.7)
+    T[:3, 3] = (1.5, -2.0, 0.4)
+    cov = np.arange(36, dtype=float).reshape(6, 6)
+    cov = cov @ cov.T + np.eye(6)
+    T2, cov2 = planar_initial_pose(T, cov)
+    np.testing.assert_allclose(T2[:3, 3], (1.5, -2.0, 0.0))
+    roll, pitch, yaw = matrix_to_rpy(T2[:3, :3])
+    assert abs(roll) < 1e-12 and abs(pitch) < 1e-12 and yaw == pytest.approx(matrix_to_rpy(T[:3, :3])[2])
+    for i in range(6):
+        for j in range(6):
+            expected = cov[i, j] if i in (0, 1, 5) and j in (0, 1, 5) else 0.0
+            assert cov2[i, j] == expected
+
+
+def test_initial_pose_gate_uses_the_worst_horizontal_direction_and_yaw():
+    gate = InitialPoseGate(max_position_std=0.5, max_yaw_std=math.radians(10))
+    cov = np.diag([0.04, 0.04, 9.0, 9.0, 9.0, math.radians(5) ** 2])  # z, roll, pitch do not matter to AMCL
+    assert gate.rejection(cov) is None
+    correlated = cov.copy()
+    correlated[0, 0] = correlated[1, 1] = 0.15
+    correlated[0, 1] = correlated[1, 0] = 0.14  # each axis 0.39 m, but 0.54 m along the diagonal
+    assert "position std 0.539 m" in gate.rejection(correlated)
+    wide_yaw = np.diag([0.04, 0.04, 0, 0, 0, math.radians(20) ** 2])
+    assert "yaw std 20.0°" in gate.rejection(wide_yaw)
+    assert gate.rejection(np.full((6, 6), np.nan)) == "covariance is not finite"
+
+
+def test_rate_limiter_caps_a_jittery_30hz_stream_at_10hz():
+    rng = np.random.default_rng(0)
+    arrivals = np.arange(300) / 30.0 + rng.uniform(-0.004, 0.004, 300)  # 10 s of a 30 Hz camera
+    limiter = RateLimiter(10.0)
+    admitted = [t for t in arrivals if limiter.admit(float(t))]
+    assert 98 <= len(admitted) <= 101  # 10 Hz, not the 7.5 Hz of "0.1 s since the last one"
+    assert min(np.diff(admitted)) > 0.06
+    assert all(RateLimiter(0.0).admit(float(t)) for t in arrivals)
+    gap = RateLimiter(2.0)
+    assert gap.admit(0.0) and not gap.admit(0.3) and gap.admit(5.0) and not gap.admit(5.2)  # no burst after a pause
+
+
+# ----------------------------------------------------------------------------- /initialpose
+
+
+def test_initial_pose_once_waits_for_a_subscriber_then_seeds_once(start, scene):
+    r = start("seed_once", checkpoint=str(scene.checkpoint), initial_pose="once", initial_pose_max_position_std=100.0, initial_pose_max_yaw_std=3.0)
+    assert r.probe.send(image_msg(scene.images[0], r.stamp()))  # nobody listens yet: not seeded, not spent
+    r.listen_to_initial_pose()
+    stamps = []
+    for rgb in scene.images[1:4]:
+        stamps.append(r.stamp())
+        assert r.probe.send(image_msg(rgb, stamps[-1]))
+    assert wait_for(lambda: len(r.initial_poses) >= 1)
+    time.sleep(0.3)
+    assert len(r.initial_poses) == 1, "initial_pose once seeded more than once"
+    seed = r.initial_poses[0]
+    assert seed.header.frame_id == "map" and seed.header.stamp == stamps[0]
+    pose = r.probe.poses_cov[stamp_key(stamps[0])]  # the full 3-D base pose of that frame
+    T_seed, T_base = messages.matrix_from_pose_msg(seed.pose.pose), messages.matrix_from_pose_msg(pose.pose.pose)
+    np.testing.assert_allclose(T_seed[:2, 3], T_base[:2, 3], atol=1e-9)
+    assert T_seed[2, 3] == 0.0 and abs(T_base[2, 3]) > 0.5  # planar for AMCL; the camera is ~1 m up
+    assert matrix_to_rpy(T_seed[:3, :3])[2] == pytest.approx(matrix_to_rpy(T_base[:3, :3])[2], abs=1e-9)
+    cov, cov_base = messages.covariance_from_msg(seed), messages.covariance_from_msg(pose)
+    for i, j in [(0, 0), (0, 1), (1, 1), (5, 5), (0, 5)]:
+        assert cov[i, j] == pytest.approx(cov_base[i, j])
+    assert cov[2, 2] == cov[3, 3] == cov[4, 4] == 0.0 and cov[0, 0] > 0 and cov[5, 5] > 0
+
+
+def test_initial_pose_on_request_seeds_only_on_relocalize_and_gates_on_confidence(start, scene):
+    r = start("seed_request", checkpoint=str(scene.checkpoint), initial_pose="on_request", initial_pose_max_position_std=100.0, initial_pose_max_yaw_std=3.0)
+    r.listen_to_initial_pose()
+    assert r.probe.send(image_msg(scene.images[0], r.stamp()))
+    time.sleep(0.3)
+    assert r.initial_poses == []  # frames alone never seed in on_request
+
+    def relocalize_while_streaming(rgb):
+        with streaming(r, [rgb]):
+            return r.call(Trigger, "relocalize", Trigger.Request())
+
+    answer = relocalize_while_streaming(scene.images[1])
+    assert answer.success, answer.message
+    assert "initialpose: published" in answer.message and "std position" in answer.message
+    assert wait_for(lambda: len(r.initial_poses) == 1)
+    x = messages.matrix_from_pose_msg(r.initial_poses[0].pose.pose)[0, 3]
+    assert f"x {x:.3f} m" in answer.message
+
+    # A gate nothing passes: the pose is still answered, /initialpose is not published, the reason is given.
+    assert r.node.set_parameters([Parameter("initial_pose_max_position_std", value=1e-6)])[0].successful
+    answer = relocalize_while_streaming(scene.images[2])
+    assert not answer.success
+    assert "not confident enough" in answer.message and "initial_pose_max_position_std" in answer.message
+    time.sleep(0.3)
+    assert len(r.initial_poses) == 1
+
+
+def test_relocalize_without_a_camera_says_so_at_once(start, scene):
+    r = start("no_camera", checkpoint=str(scene.checkpoint))
+    started = time.monotonic()
+    answer = r.call(Trigger, "relocalize", Trigger.Request())
+    assert not answer.success and answer.message == "no image received on camera/image_raw yet"
+    assert time.monotonic() - started < 5.0
+
+
+# ----------------------------------------------------------------------------- ~/enable, max_rate_hz
+
+
+def test_enable_pauses_and_resumes_inference_and_relocalize_still_answers(start, scene):
+    r = start("enable", checkpoint=str(scene.checkpoint))
+    assert r.probe.send(image_msg(scene.images[0], r.stamp()))
+    answer = r.call(SetBool, "enable", SetBool.Request(data=False))
+    assert answer.success and "paused" in answer.message
+    assert r.node.get_parameter("enabled").value is False
+    received = r.node.counters().get("received", 0)
+    paused_stamp = r.stamp()
+    for _ in range(5):
+        r.probe.image_pub.publish(image_msg(scene.images[1], paused_stamp))
+        time.sleep(0.1)
+    assert wait_for(lambda: r.node.counters().get("paused", 0) >= 1)
+    assert stamp_key(paused_stamp) not in r.probe.poses and r.node.counters().get("received", 0) == received
+
+    # ~/relocalize relocalises one frame even while paused.
+    with streaming(r, [scene.images[2]]):
+        answer = r.call(Trigger, "relocalize", Trigger.Request())
+    assert answer.success and "initial_pose off" in answer.message
+    time.sleep(0.3)
+    processed = r.node.counters()["processed"]
+    time.sleep(0.5)
+    assert r.node.counters()["processed"] == processed  # still paused afterwards
+
+    answer = r.call(SetBool, "enable", SetBool.Request(data=True))
+    assert answer.success and "resumed" in answer.message
+    assert r.probe.send(image_msg(scene.images[3], r.stamp()))
+    assert counts_add_up(r.node.counters())
+
+
+def test_max_rate_hz_caps_a_fast_camera(start, scene):
+    r = start("rate", checkpoint=str(scene.checkpoint), max_rate_hz=2.0, image_qos="reliable", image_qos_depth=50)
+    assert wait_for(lambda: r.probe.image_pub.get_subscription_count() > 0)
+    started = time.monotonic()
+    for i in range(20):  # 20 Hz for one second
+        r.probe.image_pub.publish(image_msg(scene.images[i % len(scene.images)], r.stamp()))
+        time.sleep(max(0.0, started + (i + 1) * 0.05 - time.monotonic()))
+    elapsed = time.monotonic() - started
+    assert wait_for(lambda: r.node.counters().get("received", 0) + r.node.counters().get("rate_limited", 0) == 20)
+    counts = r.node.counters()
+    assert counts["received"] <= 2.0 * elapsed + 1, counts
+    assert counts["rate_limited"] >= 20 - (2.0 * elapsed + 1)
+    assert r.node.set_parameters([Parameter("max_rate_hz", value=0)])[0].successful  # live; integers accepted
+    assert r.probe.send(image_msg(scene.images[0], r.stamp()))
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def test_lifecycle_transitions_as_nav2_lifecycle_manager_drives_them(start, scene, tmp_path):
+    r = start("managed", node_class=PoseNetLifecycleNode, checkpoint=str(scene.checkpoint))
+
+    def transition(transition_id: int) -> bool:
+        return r.call(ChangeState, "change_state", ChangeState.Request(transition=Transition(id=transition_id))).success
+
+    def state() -> int:
+        return r.call(GetState, "get_state", GetState.Request()).current_state.id
+
+    def silent_for(seconds: float) -> bool:
+        stamp = r.stamp()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            r.probe.image_pub.publish(image_msg(scene.images[0], stamp))
+            time.sleep(0.1)
+        return stamp_key(stamp) not in r.probe.poses
+
+    assert state() == State.PRIMARY_STATE_UNCONFIGURED
+    assert r.node.relocalizer is None and r.probe.image_pub.get_subscription_count() == 0
+
+    assert transition(Transition.TRANSITION_CONFIGURE)
+    assert state() == State.PRIMARY_STATE_INACTIVE and r.node.relocalizer is not None
+    assert silent_for(0.5) and r.probe.image_pub.get_subscription_count() == 0  # configured, not yet active
+
+    assert transition(Transition.TRANSITION_ACTIVATE)
+    assert state() == State.PRIMARY_STATE_ACTIVE
+    assert r.probe.send(image_msg(scene.images[1], r.stamp()))
+
+    assert transition(Transition.TRANSITION_DEACTIVATE)
+    assert state() == State.PRIMARY_STATE_INACTIVE
+    assert wait_for(lambda: r.probe.image_pub.get_subscription_count() == 0)
+    received = r.node.counters()["received"]
+    assert silent_for(1.0) and r.node.counters()["received"] == received
+
+    assert transition(Transition.TRANSITION_ACTIVATE)
+    assert r.probe.send(image_msg(scene.images[2], r.stamp()))
+
+    assert transition(Transition.TRANSITION_DEACTIVATE) and transition(Transition.TRANSITION_CLEANUP)
+    assert state() == State.PRIMARY_STATE_UNCONFIGURED and r.node.relocalizer is None
+
+    # A corrupt checkpoint fails the configure transition with the reason; a good one configures again.
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    assert r.node.set_parameters([Parameter("checkpoint", value=str(corrupt))])[0].successful
+    assert not transition(Transition.TRANSITION_CONFIGURE)
+    assert state() == State.PRIMARY_STATE_UNCONFIGURED
+    assert r.node.set_parameters([Parameter("checkpoint", value=str(scene.checkpoint))])[0].successful
+    assert transition(Transition.TRANSITION_CONFIGURE) and transition(Transition.TRANSITION_ACTIVATE)
+    assert r.probe.send(image_msg(scene.images[3], r.stamp()))
+    assert counts_add_up(r.node.counters())
+
+
+# ----------------------------------------------------------------------------- map switching
+
+
+def test_map_switch_under_a_stream_of_images_loses_no_frame(start, scene, tmp_path, capfd):
+    floor2 = ros_fixtures.overflow_checkpoint(tmp_path / "floor2.pt", map_frame="floor2")  # textured views -> the origin
+    r = start("switch", checkpoint=str(scene.checkpoint), image_qos="reliable", image_qos_depth=10, log_throttle=60.0)
+    assert r.probe.send(image_msg(scene.images[0], r.stamp()))
+    sent: list = []
+    with streaming(r, scene.images, period=0.05, sent=sent):
+        time.sleep(0.5)
+        assert r.node.set_parameters([Parameter("checkpoint", value=str(floor2))])[0].successful
+        assert wait_for(lambda: any(p.header.frame_id == "floor2" for p in list(r.probe.poses.values())), 30.0)
+        time.sleep(0.5)
+
+        # A missing file is refused at once; a corrupt one loads in the background, fails, and the old model keeps serving.
+        missing = r.node.set_parameters([Parameter("checkpoint", value=str(tmp_path / "nope.pt"))])[0]
+        assert not missing.successful and "no such file" in missing.reason
+        corrupt = tmp_path / "corrupt.pt"
+        corrupt.write_bytes(b"torn download")
+        assert r.node.set_parameters([Parameter("checkpoint", value=str(corrupt))])[0].successful
+        assert wait_for(lambda: r.node.get_parameter("checkpoint").value == str(floor2), 30.0), "the parameter does not say what is serving"
+        time.sleep(0.5)
+    last = r.stamp()
+    assert r.probe.send(image_msg(scene.images[0], last))
+    assert r.probe.poses[stamp_key(last)].header.frame_id == "floor2"
+
+    # Every answer pairs a model with its own map frame; after the swap only the new model answers.
+    switched = False
+    for key in sorted(r.probe.poses):
+        pose = r.probe.poses[key]
+        t = messages.matrix_from_pose_msg(pose.pose)[:3, 3]
+        if pose.header.frame_id == "floor2":
+            switched = True
+            np.testing.assert_allclose(t, 0.0, atol=1e-6)
+        else:
+            assert pose.header.frame_id == "map" and not switched and np.linalg.norm(t) > 0.5
+    counts = r.node.counters()
+    assert counts.get("internal_error", 0) == 0 and r.node._worker.is_alive()
+    assert counts_add_up(counts), counts
+    # Reliable QoS, so every frame reached the node, and each was answered or superseded by a newer one.
+    assert wait_for(lambda: r.node.counters()["received"] >= len(sent))
+    assert len([k for k in sent if k in r.probe.poses]) + counts.get("superseded", 0) >= len(sent) - counts.get("stale", 0)
+    err = capfd.readouterr().err
+    assert "switched model: now relocalising with" in err and "floor2" in err
+    assert f"cannot switch to {corrupt}" in err and f"still relocalising with {floor2}" in err
