@@ -26,7 +26,8 @@ For each (image, backend, executor):
 
 ``own ms`` = node latency − forward − floor (medians): what the node itself adds; ``own min`` the
 same from the three minima, which other load on the machine disturbs less. ``resize ms``
-is the node's resize + crop alone (``Relocalizer.crop``), part of ``own``.
+is the node's resize + crop alone (``Relocalizer.crop``), part of ``own``; ``own−rsz`` is ``own``
+without it, i.e. node − (forward + resize) − floor: the issue's "forward, resize included".
 Targets (issue 13): own ≤ 0.5 ms at 640×480; ≥ 29 Hz at a 30 Hz camera with onnxruntime on 2 cores.
 """
 from __future__ import annotations
@@ -85,12 +86,12 @@ class NodeResult:
         if self.skipped:
             return f"{head} skipped: {self.skipped}"
         return (f"{head} {self.raw_ms:8.2f} {self.resize_ms:7.2f} {self.floor_ms:7.2f} {self.e2e_ms:8.2f} {self.e2e_p90_ms:8.2f} "
-                f"{self.own_ms:7.2f} {self.own_min_ms:7.2f} {self.sustained_hz:6.1f}/{self.offered_hz:<4.0f} {self.sustained_e2e_ms:8.1f} {self.lost:4d}"
+                f"{self.own_ms:7.2f} {self.own_ms - self.resize_ms:7.2f} {self.own_min_ms:7.2f} {self.sustained_hz:6.1f}/{self.offered_hz:<4.0f} {self.sustained_e2e_ms:8.1f} {self.lost:4d}"
                 + (f"  (injected: {self.injected})" if self.injected else ""))
 
 
 HEADER = (f"{'image':<8} {'backend':<12} {'exec':<7} {'fwd ms':>8} {'resize':>7} {'floor':>7} {'node ms':>8} {'node p90':>8} "
-          f"{'own ms':>7} {'own min':>7} {'Hz/offered':>11} {'sust. ms':>8} {'lost':>4}")
+          f"{'own ms':>7} {'own−rsz':>7} {'own min':>7} {'Hz/offered':>11} {'sust. ms':>8} {'lost':>4}")
 
 
 def isolate_ros_domain() -> None:

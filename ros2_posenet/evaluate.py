@@ -192,8 +192,11 @@ def evaluate_checkpoint(
     map_file: str | Path | None = None,
     refine_config=None,
     uncertainty: str | None = None,
+    data_options: dict | None = None,
 ) -> dict:
     """Errors of a checkpoint on one scene's split, with baselines; optionally writes files.
+
+    ``data_options``: loader-specific options, as ``data.options`` in training (e.g. Bundler's ``split_file``).
 
     ``calibration`` holds how well the published per-frame covariance (``uncertainty``; None:
     the checkpoint's method) fits the model's errors: NEES medians and chi-square coverage
@@ -216,7 +219,8 @@ def evaluate_checkpoint(
 
     reloc = Relocalizer(str(checkpoint), device=device, uncertainty=uncertainty, checkpoint_setting="--checkpoint")
     preprocess = reloc.preprocessor.config
-    dataset = build_dataset(dataset_kind, root, split, preprocess, augment=False, max_points=0)
+    data_options = data_options or {}
+    dataset = build_dataset(dataset_kind, root, split, preprocess, augment=False, max_points=0, **data_options)
     if len(dataset) == 0:
         raise ValueError(f"the {split} split of {root} has no images")
     scene = getattr(dataset, "scene_name", Path(root).name)
@@ -234,14 +238,14 @@ def evaluate_checkpoint(
     covariance = torch.cat(covariances)
     extras = {}
     if scene_map is not None:
-        refined, extras = refinement_predictions(scene_map, dataset, pred["pred_t"], pred["pred_q"],
-                                                 covariance.numpy(), refine_config, progress)
+        refined, extras, refined_covariance = refinement_predictions(scene_map, dataset, pred["pred_t"], pred["pred_q"],
+                                                                     covariance.numpy(), refine_config, progress)
         per_method.update(refined)
         extras[METHOD_MODEL] = {"ms_per_frame": model_ms}
         extras[METHOD_REFINED]["ms_per_frame"] += model_ms  # the refinement runs after the regressor
 
     if baselines:
-        train_set = build_dataset(dataset_kind, train_root or root, "train", preprocess, augment=False, max_points=0)
+        train_set = build_dataset(dataset_kind, train_root or root, "train", preprocess, augment=False, max_points=0, **data_options)
         per_method.update(baseline_predictions(train_set, dataset, progress))
 
     errors = {name: pose_errors(t, q, pred["true_t"], pred["true_q"]) for name, (t, q) in per_method.items()}
@@ -254,6 +258,12 @@ def evaluate_checkpoint(
         "calibration": {"uncertainty": reloc.uncertainty, **calibration_metrics(residuals, covariance)},
         "files": {},
     }
+    if scene_map is not None:  # refined frames carry the geometric covariance, fallbacks the regressor's
+        t, q = per_method[METHOD_REFINED]
+        result["calibration_refined"] = {
+            "uncertainty": f"{METHOD_REFINED}: geometric / {reloc.uncertainty}",
+            **calibration_metrics(pose_residuals(t, q, pred["true_t"], pred["true_q"]), refined_covariance),
+        }
     if out_dir is not None:
         result["files"] = write_scene_outputs(Path(out_dir), result, dataset, pred, per_method, errors, plots)
         if plots:
@@ -287,8 +297,10 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
         config: :class:`~ros2_posenet.refine.RefinementConfig` (default settings if None).
 
     Returns:
-        ``({method: (t (N, 3), q (N, 4))}, {method: {"ms_per_frame", "refined_share", "median_inliers"}})``;
+        ``({method: (t (N, 3), q (N, 4))}, {method: {"ms_per_frame", "refined_share", "median_inliers"}}, covariance)``;
         a fallback frame keeps the prior (retrieval + refinement: the best retrieved keyframe's pose).
+        ``covariance`` (N, 6, 6): what the node publishes with the regressor + refinement poses, the
+        geometric covariance of refined frames and the prior's of fallback ones.
     """
     from .geometry import matrix_to_pose, pose_to_matrix
 
@@ -299,6 +311,7 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
         prior_covariance = np.broadcast_to(prior_covariance, (len(indices), 6, 6))
     poses = {METHOD_REFINED: [], METHOD_RETRIEVAL_REFINED: []}
     stats = {name: {"ms": [], "refined": [], "inliers": []} for name in poses}
+    published_covariance = []
     for k, i in enumerate(tqdm(indices, desc="refine", leave=False, disable=not progress)):
         rgb, K = base.load_image(i), base.intrinsics(i)
         prior = pose_to_matrix(prior_t[k].double().numpy(), prior_q[k].double().numpy())
@@ -308,6 +321,8 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
             stats[name]["ms"].append(result.timing_ms["total"])
             stats[name]["refined"].append(result.refined)
             stats[name]["inliers"].append(result.inliers)
+            if name == METHOD_REFINED:
+                published_covariance.append(result.covariance)
     predictions = {
         name: (torch.tensor(np.array(rows)[:, :3], dtype=torch.float32), torch.tensor(np.array(rows)[:, 3:], dtype=torch.float32))
         for name, rows in poses.items()
@@ -317,7 +332,7 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
                "median_inliers": float(np.median(s["inliers"]))}
         for name, s in stats.items()
     }
-    return predictions, extras
+    return predictions, extras, torch.as_tensor(np.array(published_covariance), dtype=torch.float64)
 
 
 def write_scene_outputs(out_dir: Path, result: dict, dataset, pred: dict, per_method: dict, errors: dict, plots: bool) -> dict:
@@ -387,8 +402,7 @@ OPTIONAL_COLUMNS = (("ms_per_frame", "ms/frame", "{:.1f}"), ("refined_share", "r
 def format_calibration(results: list[dict]) -> str:
     """One line per scene: NEES medians and chi-square coverage of the published covariance."""
     lines = []
-    for r in results:
-        c = r["calibration"]
+    for r, c in ((r, c) for r in results for c in (r["calibration"], r.get("calibration_refined")) if c):
         within = lambda k: "/".join(f"{c[f'{k}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)  # noqa: E731
         lines.append(
             f"{r['scene']} covariance ({c['uncertainty']}): NEES median position {c['nees_position_median']:.2f}, "
@@ -432,6 +446,19 @@ def write_results(results: list[dict], out_dir: str | Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- CLI
 
 
+def parse_options(items: list[str]) -> dict:
+    """``["key=value", ...]`` -> dict, values read as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--data-option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value) if value else ""
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="evaluate",
@@ -441,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset kind, as for training (e.g. cambridge, 7scenes, bundler)")
     p.add_argument("--root", action="append", required=True, help="scene folder (repeat for several scenes)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="loader option, as data.options in training (e.g. split_file=list.query.txt for bundler); repeatable")
     p.add_argument("--train-root", default=None, help="scene folder holding the training split for the baselines (default: --root)")
     p.add_argument("--out", default=None, help="folder for results.json, results.csv, per-frame CSVs and plots")
     p.add_argument("--no-baselines", action="store_true", help="skip the mean-pose and nearest-neighbour baselines")
@@ -483,10 +512,10 @@ def main(argv: list[str] | None = None) -> int:
                     ckpt, args.dataset, root, split=args.split, out_dir=args.out, baselines=not args.no_baselines,
                     train_root=args.train_root, batch_size=args.batch_size, workers=args.workers,
                     device=args.device, plots=not args.no_plots, progress=sys.stderr.isatty(), uncertainty=args.uncertainty,
-                    map_file=map_file, refine_config=refine_config,
+                    map_file=map_file, refine_config=refine_config, data_options=parse_options(args.data_option),
                 )
             )
-    except (CheckpointError, MapError, ValueError, FileNotFoundError) as err:  # DatasetError is a ValueError
+    except (CheckpointError, MapError, ValueError, TypeError, FileNotFoundError) as err:  # DatasetError is a ValueError; TypeError: a bad --data-option
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     print(format_table(results))

@@ -176,6 +176,8 @@ def build_dataset(kind: str, root: str, split: str, preprocess: PreprocessConfig
         raise
     except ValueError as err:
         raise ConfigError(f"data: {err}") from None
+    except TypeError as err:  # an option this loader does not take (data.options)
+        raise ConfigError(f"data.options: {err}") from None
 
 
 class DataBundle:
@@ -185,9 +187,10 @@ class DataBundle:
         data = cfg["data"]
         preprocess = PreprocessConfig.from_dict(cfg["preprocess"])
         max_points = data["max_points"] if needs_points else 0
+        options = data["options"]  # loader-specific (e.g. Bundler's split_file)
         train_full = build_dataset(
             data["kind"], data["root"], "train", preprocess, augment=augmentation(data),
-            max_points=max_points, seed=cfg["train"]["seed"],
+            max_points=max_points, seed=cfg["train"]["seed"], **options,
         )
         if len(train_full) == 0:
             raise TrainingError(f"the training split of {data['root']} has no images")
@@ -197,21 +200,21 @@ class DataBundle:
         train_idx = list(range(len(train_full)))
         if data["val"] == "holdout":
             split = validation_split(sequence_ids(train_full), data)
-            plain = build_dataset(data["kind"], data["root"], "train", preprocess, augment=False, max_points=0)
+            plain = build_dataset(data["kind"], data["root"], "train", preprocess, augment=False, max_points=0, **options)
             train_idx, self.val = split.train, Subset(plain, split.val)
             if not split.train:
                 raise TrainingError(f"the validation split leaves no training frames ({split.description}); "
                                     "lower data.val_gap or data.val_fraction")
             self.val_description = f"holdout by {split.description}"
         elif data["val"] == "test":
-            self.val = build_dataset(data["kind"], data["root"], "test", preprocess, augment=False, max_points=0)
+            self.val = build_dataset(data["kind"], data["root"], "test", preprocess, augment=False, max_points=0, **options)
             self.val_description = f"test split ({len(self.val)} frames): validation figures are TEST figures"
         self.train = Subset(train_full, train_idx)
         self.train_t, self.train_q = dataset_poses(self.train)
-        self.kind, self.root, self.preprocess = data["kind"], data["root"], preprocess
+        self.kind, self.root, self.preprocess, self.options = data["kind"], data["root"], preprocess, options
 
     def test_set(self):
-        return build_dataset(self.kind, self.root, "test", self.preprocess, augment=False, max_points=0)
+        return build_dataset(self.kind, self.root, "test", self.preprocess, augment=False, max_points=0, **self.options)
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:

@@ -55,6 +55,10 @@ DEFAULTS: dict = {
         "val_fraction": 0.1,
         "val_block": 10,
         "val_gap": 0,
+        # Loader-specific options, passed to the dataset (ros2_posenet.data.build_dataset), e.g.
+        # Bundler: {split_file: list.query.txt, bundle: bundle/bundle.orig.out, image_list: ...};
+        # Cambridge: {reconstruction: ..., reconstruction_width: 1920}.
+        "options": {},
     },
     "model": {"backbone": "googlenet", "hidden_dim": 2048, "dropout": 0.5, "pretrained": True, "variance_head": False},
     # Per-frame covariance published with each pose (ros2_posenet.covariance): fixed (one
@@ -124,8 +128,8 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_YamlLoader)
 
 
-# Dicts whose keys are free-form (checked by their consumer, e.g. build_loss).
-FREE_FORM = {"loss"}
+# Dicts whose keys are free-form (checked by their consumer: build_loss, the dataset loader).
+FREE_FORM = {"loss", "options"}
 
 
 def did_you_mean(key: str, options, prefix: str = "") -> str:
@@ -259,6 +263,7 @@ def validate_config(config: dict) -> dict:
     _require(_is_int(data["val_block"]) and data["val_block"] >= 1, f"data.val_block must be an integer >= 1, got {data['val_block']!r}")
     _require(data["val_split"] in VAL_SPLITS, f"data.val_split must be one of {', '.join(VAL_SPLITS)}, got {data['val_split']!r}")
     _require(_is_int(data["val_gap"]) and data["val_gap"] >= 0, f"data.val_gap must be an integer >= 0, got {data['val_gap']!r}")
+    _require(isinstance(data["options"], dict), f"data.options must be a mapping of loader options, got {data['options']!r}")
 
     try:
         ModelConfig.from_dict(cfg["model"])

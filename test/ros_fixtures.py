@@ -10,8 +10,8 @@ package) so the ROS tests do not depend on the synthetic-data generator.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -319,3 +319,31 @@ def make_posenet_node(context, namespace: str, node_class=None, **parameters):
     parameters = {"device": "cpu", "cpu_threads": 1, "image_topic": "camera/image_raw", "max_image_age": 5.0, **parameters}
     overrides = [Parameter(name, value=value) for name, value in parameters.items()]
     return (node_class or PoseNetNode)(context=context, namespace=namespace, parameter_overrides=overrides)
+
+
+@contextlib.contextmanager
+def ros_context():
+    """A private rclpy context; torch's thread count is restored after (the nodes set it process-wide)."""
+    import rclpy
+
+    threads = torch.get_num_threads()
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        yield ctx
+    finally:
+        ctx.try_shutdown()  # a node that gave up may have shut it down already
+        torch.set_num_threads(threads)
+
+
+class RunningNode:
+    """An in-process PoseNetNode (or ``node_class``) and a Probe spinning together; ``close`` stops both."""
+
+    def __init__(self, context, namespace: str, node_class=None, compressed: bool = False, **parameters):
+        self.namespace = namespace
+        self.node = make_posenet_node(context, namespace, node_class=node_class, compressed=compressed, **parameters)
+        self.probe = Probe(context, namespace, compressed=compressed, extra_nodes=[self.node])
+
+    def close(self) -> None:
+        self.probe.close()
+        self.node.destroy_node()

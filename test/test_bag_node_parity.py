@@ -12,9 +12,6 @@ ros_fixtures.isolate_ros_domain()
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import rclpy  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped  # noqa: E402
@@ -44,14 +41,6 @@ N_FRAMES = 4
 TYPES = {"posenet/pose": PoseStamped, "posenet/pose_with_covariance": PoseWithCovarianceStamped, "posenet/camera_pose": PoseStamped}
 
 
-@pytest.fixture(scope="module")
-def context():
-    threads = torch.get_num_threads()  # cpu_threads 1 is process-wide
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-    torch.set_num_threads(threads)
 
 
 def stamp(i: int) -> Time:

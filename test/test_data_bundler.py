@@ -431,8 +431,9 @@ def test_train_and_evaluate_on_the_bundler_reading(tmp_path_factory, tmp_path, c
         width=64, height=48, frames_train=8, frames_test=4, train_sequences=1, test_sequences=1, num_points=300,
         formats=("bundler",),
     ))
+    (root / "list.query.txt").rename(root / "queries.txt")  # a split file under another name: data.options
     cfg = load_config(None, [
-        "data.kind=bundler", f"data.root={root}", "data.max_points=16", "data.augment=false", "data.val=none",
+        "data.kind=bundler", f"data.root={root}", "data.options.split_file=queries.txt", "data.max_points=16", "data.augment=false", "data.val=none",
         "model.backbone=resnet18", "model.hidden_dim=16", "model.dropout=0.1", "model.pretrained=false",
         "preprocess.resize=32", "preprocess.crop=32", "optim.batch_size=4", "optim.lr=1e-3",
         "stages.learned.epochs=1", "stages.reprojection.epochs=1",
@@ -444,10 +445,12 @@ def test_train_and_evaluate_on_the_bundler_reading(tmp_path_factory, tmp_path, c
     assert fine_tune and all(r["points"] > 0 and np.isfinite(r["loss_reprojection"]) for r in fine_tune)  # view-list points
     assert load_checkpoint(result["checkpoint"])["train_config"]["data"]["kind"] == "bundler"
     out = tmp_path / "eval"
-    args = ["--checkpoint", str(result["checkpoint"]), "--dataset", "bundler", "--root", str(root), "--out", str(out)]
+    args = ["--checkpoint", str(result["checkpoint"]), "--dataset", "bundler", "--root", str(root), "--out", str(out),
+            "--data-option", "split_file=queries.txt"]
     assert evaluate_main(args) == 0
     results = json.loads((out / "results.json").read_text())
-    assert all(m["frames"] == 4 for m in results[0]["methods"].values())
+    assert all(m["frames"] == 4 for m in results[0]["methods"].values())  # the split file's 4 test images
+    assert evaluate_main([*args[:-2], "--data-option", "no_such_option=1"]) == 2
 
 
 def test_dubrovnik_config_is_valid():

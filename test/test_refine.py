@@ -193,6 +193,10 @@ def test_evaluate_with_a_map_adds_refined_rows(tmp_path_factory, tmp_path, capsy
     assert methods[METHOD_RETRIEVAL_REFINED]["median_position_m"] < 0.15
     assert methods[METHOD_MODEL]["median_position_m"] > 0.5
     assert "refined_share" in (out / "results.csv").read_text()
+    # Calibration of what the node would publish: geometric covariance where refined, the prior's elsewhere.
+    calibration = json.loads((out / "results.json").read_text())[0]["calibration_refined"]
+    assert calibration["uncertainty"].startswith(METHOD_REFINED) and 0 <= calibration["position_within_95"] <= 1
+    assert "geometric" in table
 
     assert evaluate_main(["--checkpoint", str(ckpt), "--dataset", "7scenes", "--root", str(root),
                           "--map", str(tmp_path / "absent.npz")]) == 2

@@ -9,13 +9,12 @@ import threading
 import time
 
 import ros_fixtures
-from ros_fixtures import Probe, compressed_msg, image_msg, make_posenet_node, stamp_key, wait_for
+from ros_fixtures import compressed_msg, image_msg, make_posenet_node, stamp_key, wait_for
 
 ros_fixtures.isolate_ros_domain()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import rclpy  # noqa: E402
 import torch  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
@@ -32,14 +31,6 @@ from ros2_posenet.ros.node import ConfigurationError, LatestFrameSlot  # noqa: E
 EXTRINSIC = [0.1, -0.05, 0.3, 0.0, 0.15, 0.05]  # camera_link in base_link: ahead, up, pitched down
 
 
-@pytest.fixture(scope="module")
-def context():
-    threads = torch.get_num_threads()  # the nodes run with cpu_threads 1 (process-wide)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -50,32 +41,6 @@ def scene(tmp_path_factory):
 @pytest.fixture(scope="module")
 def relocalizer(scene):
     return Relocalizer(str(scene.checkpoint), device="cpu")
-
-
-class Running:
-    """A PoseNetNode plus a Probe spinning together; closed by the fixture."""
-
-    def __init__(self, context, namespace, compressed=False, **parameters):
-        self.node = make_posenet_node(context, namespace, compressed=compressed, **parameters)
-        self.probe = Probe(context, namespace, compressed=compressed, extra_nodes=[self.node])
-
-    def close(self):
-        self.probe.close()
-        self.node.destroy_node()
-
-
-@pytest.fixture
-def start(context):
-    running = []
-
-    def _start(namespace, **parameters):
-        r = Running(context, namespace, **parameters)
-        running.append(r)
-        return r
-
-    yield _start
-    for r in running:
-        r.close()
 
 
 _last_stamp = [0]

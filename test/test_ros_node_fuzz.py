@@ -8,6 +8,7 @@ that the node's counters (read from /diagnostics) add up.
 
 The model is an untrained tiny resnet18: these tests are about the node, not accuracy.
 """
+import contextlib
 import os
 import re
 import signal
@@ -19,13 +20,12 @@ import zlib
 from pathlib import Path
 
 import ros_fixtures
-from ros_fixtures import Probe, compressed_msg, image_msg, make_posenet_node, stamp_key, wait_for
+from ros_fixtures import Probe, RunningNode, compressed_msg, image_msg, ros_context, stamp_key, wait_for
 
 ros_fixtures.isolate_ros_domain()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import rclpy  # noqa: E402
 import torch  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
@@ -46,39 +46,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("fuzz") / "untrained.pt", model, ros_fixtures.PREPROCESS, map_frame="map")
 
 
-@pytest.fixture(scope="module")
-def context():
-    threads = torch.get_num_threads()  # the in-process nodes run with cpu_threads 1 (process-wide)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-    torch.set_num_threads(threads)
-
-
-class Running:
-    """An in-process PoseNetNode plus a Probe spinning together."""
-
-    def __init__(self, context, namespace, **parameters):
-        self.node = make_posenet_node(context, namespace, **parameters)
-        self.probe = Probe(context, namespace, extra_nodes=[self.node])
-
-    def close(self):
-        self.probe.close()
-        self.node.destroy_node()
-
-
-@pytest.fixture
-def start(context):
-    running = []
-
-    def _start(namespace, **parameters):
-        running.append(Running(context, namespace, **parameters))
-        return running[-1]
-
-    yield _start
-    for r in running:
-        r.close()
 
 
 _last_ns = [0]
@@ -181,11 +148,9 @@ def test_a_dead_worker_is_restarted_and_the_restart_reported(start, checkpoint, 
 
 
 def test_a_worker_that_keeps_dying_makes_the_node_exit_non_zero(checkpoint):
-    own = rclpy.Context()  # giving up shuts the node's context down: keep it away from the other tests
-    rclpy.init(context=own)
-    threads = torch.get_num_threads()
-    r = Running(own, "give_up", checkpoint=str(checkpoint), diagnostics_period=3600.0)  # the test plays the supervisor's timer
-    try:
+    # Giving up shuts the node's context down: keep it away from the other tests.
+    with ros_context() as own, contextlib.closing(RunningNode(own, "give_up", checkpoint=str(checkpoint), diagnostics_period=3600.0)) as r:
+        # diagnostics_period: the test plays the supervisor's timer
         node, clock = r.node, r.node.get_clock()
 
         def die(rgb):
@@ -200,10 +165,6 @@ def test_a_worker_that_keeps_dying_makes_the_node_exit_non_zero(checkpoint):
         assert node._supervise_worker() is False
         assert node.exit_code == EXIT_WORKER_FAILED and not own.ok()  # main() returns exit_code once spin ends
         assert node.counters()["worker_restarts"] == WORKER_RESTART_LIMIT
-    finally:
-        r.close()
-        own.try_shutdown()
-        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- fuzz: the node as a process

@@ -12,8 +12,6 @@ ros_fixtures.isolate_ros_domain()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import rclpy  # noqa: E402
-import torch  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
 from sensor_msgs.msg import CameraInfo  # noqa: E402
 
@@ -22,20 +20,11 @@ from ros2_posenet.frames import CameraMount  # noqa: E402
 from ros2_posenet.geometry import rotation_angle_deg_np, matrix_to_pose  # noqa: E402
 from ros2_posenet.preprocess import PreprocessConfig  # noqa: E402
 from ros2_posenet.ros import messages  # noqa: E402
-from ros2_posenet.ros.node import ConfigurationError  # noqa: E402
 
 # A broad prior (2 m, ~100°): the regressor knows little, the map must do the work.
 BROAD = {"position_var": [4.0, 4.0, 4.0], "rotation_var": [3.0, 3.0, 3.0], "samples": 10}
 
 
-@pytest.fixture(scope="module")
-def context():
-    threads = torch.get_num_threads()
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +89,7 @@ def test_camera_info_and_map_turn_the_regressor_guess_into_the_true_pose(context
         assert np.all(np.diag(covariance)[:3] < 0.01) and np.all(np.diag(covariance)[:3] > 0)
         assert wait_for(lambda: diagnostic(probe, "refine_refined") not in (None, "0"), 5.0)
         assert diagnostic(probe, "map_file") == map_file
-        assert float(diagnostic(probe, "sigma_x_m")) < 0.1
+        assert float(diagnostic(probe, "position_std_m")) < 0.1
         counts = node.counters()
         assert counts.get("internal_error", 0) == 0 and counts.get("refine_error", 0) == 0
     finally:
@@ -108,10 +97,18 @@ def test_camera_info_and_map_turn_the_regressor_guess_into_the_true_pose(context
         node.destroy_node()
 
 
-def test_a_bad_map_file_is_a_clear_start_up_error(context, room, tmp_path):
-    _, _, checkpoint = room
+def test_a_bad_map_file_leaves_the_regressor_serving_and_says_why(context, room, tmp_path):
+    scene, _, checkpoint = room
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"not a map")
-    for path in (tmp_path / "missing.npz", corrupt):
-        with pytest.raises(ConfigurationError, match="map_file"):
-            make_posenet_node(context, "badmap", checkpoint=checkpoint, map_file=str(path))
+    node = make_posenet_node(context, "badmap", checkpoint=checkpoint, map_file=str(corrupt), diagnostics_period=0.2)
+    probe = Probe(context, "badmap", extra_nodes=[node])
+    try:
+        rgb = scene.render(room_pose(-2.6, 0.5, 1.3), ROOM_K, 320, 240)[0]
+        assert probe.send(image_msg(rgb, stamp_now(node))), "a bad map must not stop the regressor"
+        assert wait_for(lambda: diagnostic(probe, "refinement_problem") is not None, 5.0)
+        assert "map_file" in diagnostic(probe, "refinement_problem") and diagnostic(probe, "refine") == "False"
+        assert node.counters().get("internal_error", 0) == 0
+    finally:
+        probe.close()
+        node.destroy_node()

@@ -9,14 +9,12 @@ import threading
 import time
 
 import ros_fixtures
-from ros_fixtures import Probe, image_msg, make_posenet_node, stamp_key, wait_for
+from ros_fixtures import RunningNode, image_msg, stamp_key, wait_for
 
 ros_fixtures.isolate_ros_domain()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import rclpy  # noqa: E402
-import torch  # noqa: E402
 from builtin_interfaces.msg import Time  # noqa: E402
 from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
 from lifecycle_msgs.msg import State, Transition  # noqa: E402
@@ -31,14 +29,6 @@ from ros2_posenet.ros.lifecycle_node import PoseNetLifecycleNode  # noqa: E402
 from ros2_posenet.ros.node import DROP_REASONS  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def context():
-    threads = torch.get_num_threads()  # the nodes run with cpu_threads 1 (process-wide)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +36,12 @@ def scene(tmp_path_factory):
     return ros_fixtures.tiny_trained_checkpoint(tmp_path_factory)
 
 
-class Robot:
+class Robot(RunningNode):
     """A posenet node and a Probe spinning them; the probe also listens to /initialpose and calls services."""
 
     def __init__(self, context, namespace, node_class=None, **parameters):
         parameters.setdefault("initial_pose_topic", "initialpose")  # in the test's namespace: no cross-talk
-        self.namespace = namespace
-        self.node = make_posenet_node(context, namespace, node_class=node_class, **parameters)
-        self.probe = Probe(context, namespace, extra_nodes=[self.node])
+        super().__init__(context, namespace, node_class=node_class, **parameters)
         self.initial_poses: list = []
         self._initial_pose_sub = None
         self._stamps = 0
@@ -77,23 +65,11 @@ class Robot:
         self._stamps += 1
         return Time(sec=ns // 10**9, nanosec=ns % 10**9)
 
-    def close(self):
-        self.probe.close()
-        self.node.destroy_node()
 
 
 @pytest.fixture
-def start(context):
-    running = []
-
-    def _start(namespace, **parameters):
-        robot = Robot(context, namespace, **parameters)
-        running.append(robot)
-        return robot
-
-    yield _start
-    for robot in running:
-        robot.close()
+def start(context, closing):
+    return lambda namespace, **parameters: closing(Robot(context, namespace, **parameters))
 
 
 @contextlib.contextmanager

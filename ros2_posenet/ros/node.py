@@ -59,6 +59,7 @@ from nav_msgs.msg import Odometry
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ..checkpoint import CheckpointError
+from ..covariance import UNCERTAINTY_METHODS, standard_deviations
 from ..frames import CameraMount, PoseHistory, RelocalizedPoses, extrinsic_matrix, map_to_odom
 from ..backends import COMPILE_MODES
 from ..inference import BACKENDS, PRECISIONS, BackendUnavailableError, NonFiniteOutputError, Relocalizer, resolve_device
@@ -166,6 +167,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "auto", "Inference device: auto (CUDA when available), cpu, cuda or cuda:N.", _device, read_only=False),
     ParamSpec("backend", "torch", "Inference backend: torch, onnxruntime, tensorrt (CUDA) or auto.", _one_of(BACKENDS), read_only=False),
     ParamSpec("precision", "fp32", "Network precision: fp32, or fp16 on CUDA (falls back to fp32 on CPU with a warning).", _one_of(PRECISIONS), read_only=False),
+    ParamSpec("uncertainty", "", "Per-frame covariance of the regressor: fixed, mc_dropout or variance_head (torch backend; calibrated in the checkpoint); empty: the checkpoint's choice.", lambda v: None if v in ("", *UNCERTAINTY_METHODS) else f"must be empty or one of {', '.join(UNCERTAINTY_METHODS)}", read_only=False),
+    ParamSpec("mc_samples", 0, "Dropout samples per frame for uncertainty mc_dropout (0: the checkpoint's).", _number(0), read_only=False),
     ParamSpec("compile", False, "torch backend: torch.compile the network (true, or a mode: default, reduce-overhead, max-autotune); slow first start.", _compile_mode, dynamic_typing=True),
     ParamSpec("cuda_graph", True, "torch backend on CUDA: replay a captured CUDA graph per frame (lower latency)."),
     ParamSpec("cpu_threads", 0, "CPU threads for inference, process-wide (0: torch's default). 1-2 avoids starving other nodes on a shared CPU.", _number(0)),
@@ -209,7 +212,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
 )
 PARAMETER_NAMES = tuple(spec.name for spec in PARAMETERS)
 # Changing any of these loads a new model in the background (node._switch_model).
-MODEL_PARAMETERS = ("checkpoint", "device", "backend", "precision", "map_file", "refine_config")
+MODEL_PARAMETERS = ("checkpoint", "device", "backend", "precision", "uncertainty", "mc_samples", "map_file", "refine_config")
 _SPECS = {spec.name: spec for spec in PARAMETERS}
 
 
@@ -231,15 +234,6 @@ def camera_info_topic_of(image_topic: str, compressed: bool = False) -> str:
         base = base[: -len("/compressed")]
     namespace = base.rsplit("/", 1)[0] if "/" in base else ""
     return f"{namespace}/camera_info" if namespace or base.startswith("/") else "camera_info"
-
-
-def covariance_sigmas(covariance: np.ndarray | None) -> dict:
-    """Standard deviations of a 6×6 x y z roll pitch yaw covariance, for diagnostics (m and degrees)."""
-    if covariance is None:
-        return {}
-    std = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
-    names = ("sigma_x_m", "sigma_y_m", "sigma_z_m", "sigma_roll_deg", "sigma_pitch_deg", "sigma_yaw_deg")
-    return {name: float(v if i < 3 else math.degrees(v)) for i, (name, v) in enumerate(zip(names, std))}
 
 
 @dataclass(frozen=True)
@@ -374,6 +368,7 @@ class PoseNetNode(Node):
         self._camera_infos = CameraInfoBuffer()  # outlives map switches
         self._camera_info_sub = None
         self._refinement_window: list = []  # (refined?, inliers, ms) of the diagnostics window
+        self._refinement_problem = ""  # why map_file could not be loaded at configure ("" : none)
         self._settings: Settings | None = None  # None until configured; holds the serving model too
         self._settings_lock = threading.RLock()  # parameter changes vs. model swaps
         self._model_generation = 0  # the newest requested model switch
@@ -403,7 +398,13 @@ class PoseNetNode(Node):
         if s.cpu_threads > 0:
             torch.set_num_threads(int(s.cpu_threads))
         model = self._build_relocalizer(s)
-        refinement = self._build_refinement(s)
+        self._refinement_problem = ""
+        try:
+            refinement = self._build_refinement(s)
+        except ConfigurationError as err:  # the map is optional: the regressor alone still serves
+            self._refinement_problem = str(err)
+            self.get_logger().error(f"geometric refinement off, publishing the regressor's poses: {err}")
+            refinement = None
         with self._settings_lock:
             self._settings = self._settings_from({**s.values, "model": model, "refinement": refinement})
         self._create_interfaces(self._settings)
@@ -538,10 +539,13 @@ class PoseNetNode(Node):
         # CheckpointError already says what to do; let it through unchanged.
         try:
             return Relocalizer(
-                s.checkpoint, device=s.device, backend=s.backend, precision=s.precision, compile=s.compile, cuda_graph=s.cuda_graph
+                s.checkpoint, device=s.device, backend=s.backend, precision=s.precision, compile=s.compile, cuda_graph=s.cuda_graph,
+                uncertainty=s.uncertainty or None, mc_samples=int(s.mc_samples) or None,
             )
         except BackendUnavailableError as err:
             raise ConfigurationError(f"parameter 'backend' = {s.backend!r}: {err}") from None
+        except ValueError as err:  # an uncertainty method the checkpoint has no calibration for
+            raise ConfigurationError(f"parameter 'uncertainty' = {s.uncertainty!r}: {err}") from None
 
     def _build_refinement(self, s: Settings) -> NodeRefinement | None:
         """The map and refiner of ``map_file`` (None without a map)."""
@@ -683,7 +687,7 @@ class PoseNetNode(Node):
     def _load_and_swap(self, generation: int, target: Settings, change: dict) -> None:
         try:
             model = self._build_relocalizer(target)
-            refinement = self._build_refinement(target)
+            refinement = self._build_refinement(target)  # a bad map rejects the switch: old model and map keep serving
         except Exception as err:  # CheckpointError, ConfigurationError, CUDA errors...
             self._reject_model_switch(generation, target, change, err if isinstance(err, (CheckpointError, ConfigurationError)) else f"{type(err).__name__}: {err}")
             return
@@ -693,6 +697,7 @@ class PoseNetNode(Node):
             previous = self._settings.checkpoint
             # One assignment: the worker reads either the old settings (model, map frame) or the new ones.
             self._settings = self._settings_from({**self._settings.values, **change, "model": model, "refinement": refinement})
+            self._refinement_problem = ""
         self.get_logger().info(f"switched model: now relocalising with {target.checkpoint} in map frame '{self.map_frame}' (was {previous})")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the old model's memory, once the worker lets go of it
@@ -1051,9 +1056,11 @@ class PoseNetNode(Node):
         values["format_mismatch"] = counts.get("format_mismatch", 0)
         values["worker_restarts"] = counts.get("worker_restarts", 0)
         values["last_worker_restart"] = self._restart_note() or "never"
-        values.update({"device": str(self.relocalizer.device), "backend": self.relocalizer.backend_name, "checkpoint": self._settings.checkpoint, "tf_mode": self._settings.tf_mode})
+        values.update({"device": str(self.relocalizer.device), "backend": self.relocalizer.backend_name, "checkpoint": self._settings.checkpoint,
+                       "tf_mode": self._settings.tf_mode, "uncertainty": self.relocalizer.uncertainty})
         values.update(self._refinement_values(counts))
-        values.update(covariance_sigmas(self.stats.latest_covariance))
+        if self.stats.latest_covariance is not None:  # what the EKF is told now
+            values.update(standard_deviations(self.stats.latest_covariance))
         new_problems = any(dropped[r] > self._last_drop_counts.get(r, 0) for r in dropped if r != "superseded")
         self._last_drop_counts = dropped
         return values, new_problems
@@ -1064,6 +1071,8 @@ class PoseNetNode(Node):
         with self.stats.lock:
             window, self._refinement_window = self._refinement_window, []
         values = {"map_file": s.map_file or "none", "refine": bool(s.refine and s.refinement is not None)}
+        if self._refinement_problem:
+            values["refinement_problem"] = self._refinement_problem
         for key in ("refine_refined", "refine_fallback", "refine_no_camera_info", "refine_error", "bad_camera_info"):
             values[key] = counts.get(key, 0)
         if window:
@@ -1085,6 +1094,8 @@ class PoseNetNode(Node):
             level, message = messages.DIAGNOSTIC_WARN, self._restart_note()
         elif new_problems:
             level, message = messages.DIAGNOSTIC_WARN, "frames dropped for bad input (see values)"
+        elif self._refinement_problem:
+            level, message = messages.DIAGNOSTIC_WARN, "geometric refinement off: the map could not be loaded (see refinement_problem)"
         else:
             level, message = messages.DIAGNOSTIC_OK, f"relocalising at {values['rate_hz']:.1f} Hz"
         self._publish_status(level, message, values)

@@ -81,7 +81,7 @@ _SPECS = {spec.name: spec for spec in PARAMETERS}
 # The node's parameters that mean something offline; the others (QoS, staleness, rate, services,
 # diagnostics) concern live streams.
 BAG_PARAMETERS = tuple(name for name in (
-    "checkpoint", "device", "backend", "precision", "compile", "cuda_graph", "cpu_threads", "image_topic",
+    "checkpoint", "device", "backend", "precision", "compile", "cuda_graph", "cpu_threads", "image_topic", "uncertainty", "mc_samples",
     "max_image_pixels", "map_frame", "odom_frame", "base_frame", "camera_frame", "camera_to_base",
     "publish_camera_to_base_tf", "tf_mode", "odom_source", "odom_topic", "odom_tolerance", "transform_tolerance",
     "pose_topic", "pose_with_covariance_topic", "camera_pose_topic",
@@ -602,6 +602,7 @@ def load_relocalizer(params: dict) -> Relocalizer:
     return Relocalizer(
         params["checkpoint"], device=params["device"], backend=params["backend"], precision=params["precision"],
         compile=params["compile"], cuda_graph=params["cuda_graph"], checkpoint_setting="--checkpoint",
+        uncertainty=params["uncertainty"] or None, mc_samples=int(params["mc_samples"]) or None,
     )
 
 
