@@ -156,7 +156,7 @@ def section_accuracy(args, work: Path) -> None:
     refiner = Refiner(scene_map)
     print_table("accuracy (default scene, test trajectory)", {
         f"prior = truth + ({args.prior_m} m, {args.prior_deg}°)": run(refiner, frames, args.prior_m, args.prior_deg),
-        f"same, retrieval off": run(Refiner(scene_map, RefinementConfig(retrieval=False)), frames, args.prior_m, args.prior_deg),
+        "same, retrieval off": run(Refiner(scene_map, RefinementConfig(retrieval=False)), frames, args.prior_m, args.prior_deg),
         "no prior (retrieval + refinement)": run(refiner, frames, None, 0.0),
         "grossly wrong prior (3 m, 90°)": run(refiner, frames, 3.0, 90.0, seed=1),
     })

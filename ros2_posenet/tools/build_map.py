@@ -163,7 +163,7 @@ def calibrate(scene_map: SceneMap, dataset, indices: np.ndarray, config: Refinem
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d, f = RefinementConfig(), FeatureConfig()
+    f = FeatureConfig()
     p = argparse.ArgumentParser(prog="build-map", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="dataset kind: 7scenes (synthetic scenes too), cambridge, bundler or posed "
                    "(photographs with known cameras and no depth, Strecha format)")
