@@ -80,9 +80,11 @@ def map_to_odom(T_map_base: np.ndarray, T_odom_base: np.ndarray) -> np.ndarray:
 
 
 def skew(v) -> np.ndarray:
-    """3×3 cross-product matrix ``[v]×`` (``[v]× w = v × w``)."""
-    x, y, z = np.asarray(v, dtype=float)
-    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    """Cross-product matrices ``[v]×`` (``[v]× w = v × w``): (…, 3, 3) of vectors (…, 3)."""
+    v = np.asarray(v, dtype=float)
+    x, y, z = v[..., 0], v[..., 1], v[..., 2]
+    zero = np.zeros_like(x)
+    return np.stack((np.stack((zero, -z, y), -1), np.stack((z, zero, -x), -1), np.stack((-y, x, zero), -1)), -2)
 
 
 def transport_covariance(cov: np.ndarray, lever_arm) -> np.ndarray:

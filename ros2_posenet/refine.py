@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from .features import detect_features, match_features
+from .frames import skew
 from .geometry import invert_matrix, matrix_to_pose
 from .preprocess import check_rgb_image
 from .scene_map import SceneMap
@@ -288,15 +289,6 @@ def solve_absolute_pose(points2d: np.ndarray, points3d: np.ndarray, K: np.ndarra
 
 
 # ----------------------------------------------------------------------------- covariance and gate
-
-
-def skew(v: np.ndarray) -> np.ndarray:
-    """(…, 3, 3) cross-product matrices of vectors (…, 3)."""
-    v = np.asarray(v, np.float64)
-    z = np.zeros(v.shape[:-1])
-    return np.stack((np.stack((z, -v[..., 2], v[..., 1]), -1),
-                     np.stack((v[..., 2], z, -v[..., 0]), -1),
-                     np.stack((-v[..., 1], v[..., 0], z), -1)), -2)
 
 
 def reprojection_jacobian(T_world_camera: np.ndarray, K: np.ndarray, points3d: np.ndarray):
