@@ -229,6 +229,14 @@ def body_pose_to_optical(T_world_body: np.ndarray) -> np.ndarray:
     return T
 
 
+def backproject_pixels(pixels: np.ndarray, depth: np.ndarray, K: np.ndarray, T_world_camera: np.ndarray) -> np.ndarray:
+    """World points (N, 3) of pixels (N, 2) seen at depths (N,) (optical z) by a pinhole camera-to-world pose."""
+    pixels = np.asarray(pixels, dtype=np.float64).reshape(-1, 2)
+    z = np.asarray(depth, dtype=np.float64).reshape(-1)
+    cam = np.stack(((pixels[:, 0] - K[0, 2]) / K[0, 0] * z, (pixels[:, 1] - K[1, 2]) / K[1, 1] * z, z), axis=1)
+    return cam @ T_world_camera[:3, :3].T + T_world_camera[:3, 3]
+
+
 def invert_matrix(T: np.ndarray) -> np.ndarray:
     """Inverse of a rigid 4x4 transform."""
     T = np.asarray(T, dtype=float)

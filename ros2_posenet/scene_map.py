@@ -38,6 +38,7 @@ import numpy as np
 
 from .baselines import tiny_image_descriptor
 from .features import FeatureConfig, detect_features, match_features
+from .geometry import backproject_pixels
 
 FORMAT = "ros2_posenet.scene_map"
 VERSION = 1
@@ -367,8 +368,7 @@ def depth_lift(depth_m: np.ndarray, K: np.ndarray, T_world_camera: np.ndarray, m
         v = np.clip(np.round((kp[:, 1] + 0.5) * h / height - 0.5).astype(np.int64), 0, h - 1)
         z = depth[v, u].astype(np.float64)
         valid = (z >= min_depth) & (z <= max_depth) & (lo[v, u] > 0) & (hi[v, u] - lo[v, u] <= max_relative_step * z)
-        cam = np.stack(((kp[:, 0] - K[0, 2]) / K[0, 0] * z, (kp[:, 1] - K[1, 2]) / K[1, 1] * z, z), axis=1)
-        return cam @ T[:3, :3].T + T[:3, 3], valid
+        return backproject_pixels(kp, z, K, T), valid
 
     return lift
 

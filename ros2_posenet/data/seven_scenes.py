@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..geometry import matrix_to_pose
+from ..geometry import backproject_pixels, matrix_to_pose
 from ..preprocess import PreprocessConfig, Preprocessor
 from .augment import Augmentation
 from .common import DatasetError, PoseDataset, PoseRecord, parse_floats, scale_intrinsics
@@ -131,8 +131,7 @@ def backproject_depth(
         valid = np.sort(rng.choice(valid, size=max_points, replace=False))
     v, u = np.divmod(valid, depth_mm.shape[1])
     z = depth_mm.reshape(-1)[valid].astype(np.float64) / 1000.0
-    cam = np.stack(((u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z), axis=1)
-    return cam @ T_world_camera[:3, :3].T + T_world_camera[:3, 3]
+    return backproject_pixels(np.stack((u, v), axis=1), z, K, T_world_camera)
 
 
 def read_depth(path: Path) -> np.ndarray:
