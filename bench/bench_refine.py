@@ -121,6 +121,7 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "frames": len(rows), "refined": float(refined.mean()),
         "retrieval": float(np.mean([r["source"] == "retrieval" and r["refined"] for r in rows])),
+        "neighbourhood": float(np.mean([r["source"] == "neighbourhood" and r["refined"] for r in rows])),
         "median_pos": float(np.median(pos)), "median_rot": float(np.median(rot)),
         "refined_median_pos": float(np.median(pos[refined])) if refined.any() else np.nan,
         "refined_median_rot": float(np.median(rot[refined])) if refined.any() else np.nan,
@@ -134,10 +135,10 @@ def summarize(rows: list[dict]) -> dict:
 
 def print_table(title: str, results: dict[str, dict]) -> None:
     print(f"\n## {title}\n")
-    print("| run | frames | refined | of which by retrieval | median pos (m) | median rot (°) | p90 pos (m) | ≤0.25 m,2° (prior) | worse than prior | median inliers | NEES/6 | ms features / matching / pose / total (CPU) |")
+    print("| run | frames | refined | of which by retrieval / confirmed around a refused pose | median pos (m) | median rot (°) | p90 pos (m) | ≤0.25 m,2° (prior) | worse than prior | median inliers | NEES/6 | ms features / matching / pose / total (CPU) |")
     print("|" + " --- |" * 12)
     for name, s in results.items():
-        print(f"| {name} | {s['frames']} | {s['refined']:.1%} | {s['retrieval']:.1%} | {s['median_pos']:.4f} | {s['median_rot']:.3f} | "
+        print(f"| {name} | {s['frames']} | {s['refined']:.1%} | {s['retrieval']:.1%} / {s['neighbourhood']:.1%} | {s['median_pos']:.4f} | {s['median_rot']:.3f} | "
               f"{s['p90_pos']:.3f} | {s['fine']:.1%} ({s['prior_fine']:.1%}) | {s['worse']} | {s['inliers']:.0f} | "
               f"{s['nees'] / 6:.2f} | {s['features_ms']:.0f} / {s['matching_ms']:.0f} / {s['pose_ms']:.0f} / "
               f"{s['total_ms']:.0f} ({s['cpu_ms']:.0f}) |", flush=True)

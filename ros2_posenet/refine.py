@@ -14,7 +14,14 @@ to each keyframe's (ratio test + mutual check) -> 2D–3D correspondences ->
 absolute pose by LO-RANSAC + non-linear refinement (``solver``: pycolmap by
 default, poselib or OpenCV USAC) -> covariance from the geometry -> gate against
 the prior. Without a prior, or when the prior's keyframes give too few inliers,
-keyframes are retrieved by appearance (``retrieval``).
+keyframes are retrieved by appearance (``retrieval``). A pose the gate refused is
+kept only when keyframes that did not produce it give the same pose on their own:
+first those around the refused pose (``neighbourhood_confirms``), then those
+retrieved by appearance (``retrieval_confirms``). A regressor's errors are
+heavy-tailed and its covariance is over-confident on the tail (Sattler et al., CVPR
+2019), so the gate alone would throw away right answers exactly where the prior
+needs them most; an independent second estimate tells a wrong prior from wrong
+geometry.
 
 ``status`` is ``refined`` or ``fallback``; a fallback returns the prior's pose and
 covariance unchanged and says why in ``reason``.
@@ -73,11 +80,16 @@ class RefinementConfig:
             by the prior (the prior was wrong) and has ``source = 'retrieval'``.
         retrieval_keyframes: keyframes retrieved per attempt.
         retrieval_min_inliers: stricter inlier count for a retrieval answer (it has no prior to agree with).
-        retrieval_confirms: a pose the gate refused is accepted (``source = 'retrieval'``) when
-            keyframes retrieved by appearance independently give the same pose: then the
-            prior, not the geometry, was wrong (a regressor's gross errors often come with
-            an over-confident covariance). Never past ``max_correction_m/deg``. Off: every
-            gated pose is a fallback.
+        neighbourhood_confirms: a pose the gate refused is accepted (``source =
+            'neighbourhood'``) when the ``keyframes`` keyframes nearest to *it*, none of
+            those that produced it, give the same pose on their own (``min_inliers``,
+            agreement within ``gate_sigma`` of the two covariances): then the prior, not
+            the geometry, was wrong (a regressor's gross errors often come with an
+            over-confident covariance). A pose made by chance matches elsewhere has no
+            keyframes around it that see the query. Never past ``max_correction_m/deg``.
+        retrieval_confirms: the same with keyframes retrieved by appearance
+            (``source = 'retrieval'``, ``retrieval_min_inliers``), tried when the
+            neighbourhood did not confirm. Both off: every gated pose is a fallback.
         covariance_scale: factor on the geometric covariance; 0 = the map's calibration (1 without one).
         min_position_std, min_rotation_std_deg: floors of the reported standard deviations.
     """
@@ -97,6 +109,7 @@ class RefinementConfig:
     retrieval: bool = True
     retrieval_keyframes: int = 8
     retrieval_min_inliers: int = 50
+    neighbourhood_confirms: bool = True
     retrieval_confirms: bool = True
     covariance_scale: float = 0.0
     min_position_std: float = 0.002
@@ -168,7 +181,8 @@ class RefinementResult:
         inliers: RANSAC inliers of the estimate (0 if none).
         matches: 2D–3D correspondences tried.
         keyframes_used: map keyframe indices matched, in order.
-        source: ``prior`` (keyframes near the prior) or ``retrieval`` (by appearance).
+        source: which keyframes gave the pose: ``prior`` (near the prior), ``neighbourhood``
+            (near a pose the gate refused, confirming it) or ``retrieval`` (by appearance).
         timing_ms: ``features``, ``matching``, ``pose``, ``total``.
         correction: position (m) and rotation (deg) difference refined vs prior (NaN without prior / estimate).
     """
@@ -400,8 +414,8 @@ class Refiner:
         if prior_T is not None:
             outcome = attempt("prior", self.map.nearest_keyframes(
                 prior_T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg))
-            if outcome.get("gated") and not outcome.get("capped") and cfg.retrieval and cfg.retrieval_confirms:
-                outcome = self._confirm_by_retrieval(outcome, attempt("retrieval", self._retrieve(rgb, tried)))
+            if outcome.get("gated") and not outcome.get("capped"):
+                outcome = self._confirm_refused(outcome, attempt, rgb, tried)
             elif cfg.retrieval and not outcome["ok"] and not outcome.get("gated"):
                 outcome = attempt("retrieval", self._retrieve(rgb, tried), previous=outcome)
         else:
@@ -412,8 +426,9 @@ class Refiner:
     # ---- internals
 
     def _retrieve(self, rgb: np.ndarray, exclude: list[int]) -> np.ndarray:
-        ranked = self.map.retrieve_keyframes(rgb, self.config.retrieval_keyframes + len(exclude))
-        return np.array([i for i in ranked if i not in set(exclude)][: self.config.retrieval_keyframes], np.int64)
+        """The ``retrieval_keyframes`` keyframes most similar to ``rgb`` that are not in ``exclude``."""
+        k = self.config.retrieval_keyframes
+        return _untried(self.map.retrieve_keyframes(rgb, k + len(exclude)), exclude, k)
 
     def _correspondences(self, keyframes, keypoints, descriptors, timing):
         """2D–3D correspondences: each query feature's match in the first keyframe that has one."""
@@ -435,8 +450,9 @@ class Refiner:
         cfg = self.config
         outcome = {"ok": False, "source": source, "keyframes": [], "inliers": 0, "matches": 0, "T": None}
         if len(keyframes) == 0:
-            outcome["reason"] = ("no keyframe of the map looks the way the prior does" if source == "prior"
-                                 else "no keyframe retrieved")
+            outcome["reason"] = {"prior": "no keyframe of the map looks the way the prior does",
+                                 "neighbourhood": "no other keyframe around the refused pose",
+                                 "retrieval": "no keyframe retrieved"}[source]
             return outcome if previous is None else {**previous, "reason": previous["reason"] + "; " + outcome["reason"]}
         tried.extend(int(k) for k in keyframes)
         outcome["keyframes"] = [int(k) for k in keyframes]
@@ -446,13 +462,14 @@ class Refiner:
         p2d, p3d = self._correspondences(keyframes, keypoints, descriptors, timing)
         outcome["matches"] = len(p2d)
         t0 = time.perf_counter()
-        min_inliers = cfg.min_inliers if source == "prior" else cfg.retrieval_min_inliers
+        min_inliers = cfg.retrieval_min_inliers if source == "retrieval" else cfg.min_inliers
         T, inliers = solve_absolute_pose(p2d, p3d, K, size, cfg.ransac_threshold_px, cfg.solver)
         n_in = int(inliers.sum())
         outcome["inliers"] = n_in
         if T is None or n_in < min_inliers or n_in < cfg.min_inlier_ratio * max(1, len(p2d)):
             timing["pose"] += (time.perf_counter() - t0) * 1e3
-            what = "keyframes near the prior" if source == "prior" else "retrieved keyframes"
+            what = {"prior": "keyframes near the prior", "neighbourhood": "keyframes around the refused pose",
+                    "retrieval": "retrieved keyframes"}[source]
             outcome["reason"] = (f"too few inliers with the {what}: {n_in} of {len(p2d)} matches "
                                  f"(need {min_inliers} and {cfg.min_inlier_ratio:.0%})")
             if previous is not None:
@@ -474,19 +491,38 @@ class Refiner:
                                       f"{outcome['correction'][1]:.1f}° away")
         return outcome
 
-    def _confirm_by_retrieval(self, gated: dict, retrieved: dict) -> dict:
-        """Accept a pose the gate refused when keyframes found by appearance alone give the same pose.
+    def _confirm_refused(self, gated: dict, attempt, rgb: np.ndarray, tried: list[int]) -> dict:
+        """Accept a pose the gate refused when keyframes that did not produce it give the same pose.
 
         Two independent keyframe sets agreeing (within ``gate_sigma`` of their summed
-        covariances) mean the prior was wrong, not the geometry.
+        covariances) mean the prior was wrong, not the geometry. The keyframes around
+        the refused pose are tried first (they see what the query sees if the pose is
+        right), then those retrieved by appearance.
         """
-        if retrieved["ok"]:
-            delta = pose_difference(retrieved["T"], gated["T"])
-            total = retrieved["covariance"] + gated["covariance"]
-            if max(mahalanobis(delta[:3], total[:3, :3]), mahalanobis(delta[3:], total[3:, 3:])) <= self.config.gate_sigma:
-                return {**retrieved, "reason": retrieved["reason"] + "; confirms the pose the gate refused: " + gated["reason"]}
-            return {**gated, "reason": gated["reason"] + "; retrieved keyframes gave another pose"}
-        return {**gated, "reason": gated["reason"] + "; retrieved keyframes did not confirm it"}
+        cfg = self.config
+        checks = []
+        if cfg.neighbourhood_confirms:
+            checks.append(("keyframes around it", lambda: attempt("neighbourhood", self._around(gated["T"], tried))))
+        if cfg.retrieval and cfg.retrieval_confirms:
+            checks.append(("retrieved keyframes", lambda: attempt("retrieval", self._retrieve(rgb, tried))))
+        notes = []
+        for what, run in checks:
+            other = run()
+            if not other["ok"]:
+                notes.append(f"{what} did not confirm it ({other['reason']})")
+                continue
+            delta = pose_difference(other["T"], gated["T"])
+            total = other["covariance"] + gated["covariance"]
+            if max(mahalanobis(delta[:3], total[:3, :3]), mahalanobis(delta[3:], total[3:, 3:])) <= cfg.gate_sigma:
+                return {**other, "reason": f"{other['reason']}; confirms the pose the gate refused: {gated['reason']}"}
+            notes.append(f"{what} gave another pose, {np.linalg.norm(delta[:3]):.2f} m away")
+        return {**gated, "reason": "; ".join([gated["reason"], *notes])}
+
+    def _around(self, T: np.ndarray, exclude: list[int]) -> np.ndarray:
+        """The ``keyframes`` keyframes nearest to ``T`` that are not in ``exclude`` (an independent set)."""
+        cfg = self.config
+        ranked = self.map.nearest_keyframes(T, cfg.keyframes + len(exclude), cfg.metres_per_radian, cfg.max_keyframe_angle_deg)
+        return _untried(ranked, exclude, cfg.keyframes)
 
     def _gate(self, delta: np.ndarray, covariance: np.ndarray, prior_cov: np.ndarray | None) -> tuple[str, bool]:
         """``("", False)`` if the refined pose agrees with the prior, else ``(why not, whether an absolute cap was hit)``."""
@@ -528,6 +564,12 @@ class Refiner:
             raise AssertionError("no keyframe was tried")
         return RefinementResult(STATUS_FALLBACK, outcome["reason"] + "; answering the best retrieved keyframe's pose",
                                 self.map.poses[tried[0]].copy(), None, **common)
+
+
+def _untried(ranked: np.ndarray, exclude: list[int], k: int) -> np.ndarray:
+    """The first ``k`` of ``ranked`` keyframe indices that are not in ``exclude``, in order."""
+    excluded = set(exclude)
+    return np.array([i for i in ranked if int(i) not in excluded][:k], np.int64)
 
 
 # ----------------------------------------------------------------------------- calibration

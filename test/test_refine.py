@@ -1,5 +1,6 @@
 """Geometric refinement: PnP on exact correspondences, covariance, refining a perturbed prior, fallbacks, evaluate --map."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -117,9 +118,29 @@ def test_a_prior_in_the_wrong_place_falls_back_and_says_so(room):
     np.testing.assert_array_equal(result.covariance, prior_cov)
     # 3.6 m and 60° off: its keyframes still see some of the view, and the pose found there is refused by the gate.
     far = pose(-4.5, 3.5, 1.3, yaw_deg=-60.0)
-    result = Refiner(room[1], RefinementConfig(retrieval=False, max_keyframe_angle_deg=90)).refine(query(room, T_true), K, far, None)
+    gate_only = RefinementConfig(retrieval=False, neighbourhood_confirms=False, max_keyframe_angle_deg=90)
+    result = Refiner(room[1], gate_only).refine(query(room, T_true), K, far, None)
     assert result.status == "fallback" and result.covariance is None
-    assert "too few inliers" in result.reason or "disagrees with the prior by 3.6" in result.reason
+    assert "disagrees with the prior by 3.6" in result.reason
+    # The keyframes around the refused pose, none of which made it, find the same pose: the prior was wrong.
+    confirmed = Refiner(room[1], replace(gate_only, neighbourhood_confirms=True)).refine(query(room, T_true), K, far, None)
+    assert confirmed.status == "refined" and confirmed.source == "neighbourhood", confirmed.reason
+    assert "confirms the pose the gate refused" in confirmed.reason and errors(confirmed.T, T_true)[0] < 0.02
+    assert not set(confirmed.keyframes_used[:4]) & set(confirmed.keyframes_used[4:])
+
+
+def test_a_wrong_pose_from_a_misregistered_part_of_the_map_is_not_confirmed(room):
+    """Keyframes whose 3D points sit 0.4 m off give a consistent but wrong pose; the rest of the map disagrees."""
+    T_true = pose(-2.5, 0.5, 1.3)
+    settings = RefinementConfig(retrieval=False)
+    near = room[1].nearest_keyframes(T_true, settings.keyframes, settings.metres_per_radian, settings.max_keyframe_angle_deg)
+    shifted = [p + np.float32([0.4, 0.0, 0.0]) if i in near else p for i, p in enumerate(room[1].points3d)]
+    refiner = Refiner(replace(room[1], points3d=shifted), settings)
+    confident = np.diag([0.02**2] * 3 + [np.radians(1.0) ** 2] * 3)
+    result = refiner.refine(query(room, T_true), K, T_true, confident)
+    assert result.status == "fallback", result.reason
+    np.testing.assert_array_equal(result.T, T_true)
+    assert "disagrees with the prior by 0.4" in result.reason and "keyframes around it gave another pose, 0.4" in result.reason
 
 
 def test_retrieval_finds_the_pose_when_the_prior_is_wrong_or_missing(room):
@@ -138,14 +159,16 @@ def test_a_refinement_that_disagrees_with_a_confident_prior_is_gated(room):
     rgb = query(room, T_true)
     prior = perturb_pose(T_true, 0.5, 10.0, np.random.default_rng(4))
     confident = np.diag([0.01**2] * 3 + [np.radians(0.5) ** 2] * 3)  # claims 1 cm, but is 0.5 m off
-    result = Refiner(room[1], RefinementConfig(retrieval_confirms=False)).refine(rgb, K, prior, confident)
+    gate_only = RefinementConfig(neighbourhood_confirms=False, retrieval_confirms=False)
+    result = Refiner(room[1], gate_only).refine(rgb, K, prior, confident)
     assert result.status == "fallback" and "disagrees with the prior" in result.reason
     np.testing.assert_array_equal(result.T, prior)
     assert result.inliers >= 30  # the geometry was fine; the gate refused it
-    # Keyframes retrieved by appearance alone find the same pose: the prior was wrong, the pose is kept.
-    confirmed = Refiner(room[1]).refine(rgb, K, prior, confident)
-    assert confirmed.status == "refined" and confirmed.source == "retrieval", confirmed.reason
-    assert "confirms the pose the gate refused" in confirmed.reason and errors(confirmed.T, T_true)[0] < 0.02
+    # Keyframes that did not make the pose find the same one: the prior was wrong, the pose is kept.
+    for settings, source in ((RefinementConfig(), "neighbourhood"), (replace(gate_only, retrieval_confirms=True), "retrieval")):
+        confirmed = Refiner(room[1], settings).refine(rgb, K, prior, confident)
+        assert confirmed.status == "refined" and confirmed.source == source, confirmed.reason
+        assert "confirms the pose the gate refused" in confirmed.reason and errors(confirmed.T, T_true)[0] < 0.02
     # An absolute cap is never overridden.
     capped = Refiner(room[1], RefinementConfig(max_correction_m=0.2)).refine(rgb, K, prior)
     assert capped.status == "fallback" and "max_correction_m" in capped.reason
@@ -201,3 +224,11 @@ def test_evaluate_with_a_map_adds_refined_rows(tmp_path_factory, tmp_path, capsy
     assert evaluate_main(["--checkpoint", str(ckpt), "--dataset", "7scenes", "--root", str(root),
                           "--map", str(tmp_path / "absent.npz")]) == 2
     assert "build-map" in capsys.readouterr().err
+
+
+def test_the_shipped_refine_yaml_holds_the_defaults():
+    """config/refine.yaml documents the defaults: it must not drift from RefinementConfig."""
+    from pathlib import Path
+
+    shipped = RefinementConfig.from_yaml(Path(__file__).resolve().parents[1] / "config" / "refine.yaml")
+    assert shipped == RefinementConfig()
