@@ -66,7 +66,7 @@ def test_auto_split_uses_sequences_when_there_are_enough():
 def test_config_checks_split_and_uncertainty_settings():
     base = ["data.kind=7scenes", "data.root=x"]
     cfg = load_config(None, base)
-    assert cfg["data"]["val_split"] == "blocks" and cfg["uncertainty"]["method"] == "fixed"
+    assert cfg["data"]["val_split"] == "auto" and cfg["uncertainty"]["method"] == "fixed"
     with pytest.raises(ConfigError, match="data.val_split"):
         load_config(None, base + ["data.val_split=random"])
     with pytest.raises(ConfigError, match="data.val_gap"):
