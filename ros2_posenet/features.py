@@ -18,17 +18,19 @@ passes Lowe's ratio test (nearest / second nearest distance < ``ratio``) and, wi
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from .settings import StrictDictSettings
 
 FEATURE_TYPES = ("sift", "orb")
 DESCRIPTOR_SIZES = {"sift": 128, "orb": 32}
 
 
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(StrictDictSettings):
     """How features are detected and matched; stored in every map.
 
     Attributes:
@@ -46,6 +48,8 @@ class FeatureConfig:
             (0: never). SIFT's cost grows with the pixel count: OpenCV doubles the
             image for its first octave.
     """
+
+    SETTINGS_NAME = "feature config"  # prefix of the errors of from_dict (not a field)
 
     type: str = "sift"
     max_features: int = 1000
@@ -78,17 +82,6 @@ class FeatureConfig:
         """Bytes per descriptor (both detectors store uint8)."""
         return DESCRIPTOR_SIZES[self.type]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FeatureConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer map format, or a typo)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"feature config: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**d)
 
 
 def _detector(config: FeatureConfig):

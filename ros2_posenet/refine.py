@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import cv2
@@ -48,6 +48,7 @@ from .frames import skew
 from .geometry import invert_matrix, matrix_to_pose
 from .preprocess import check_rgb_image
 from .scene_map import SceneMap
+from .settings import StrictDictSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ STATUS_FALLBACK = "fallback"
 
 
 @dataclass(frozen=True)
-class RefinementConfig:
+class RefinementConfig(StrictDictSettings):
     """Settings of the geometric stage (node parameters ``refine.<field>``).
 
     Attributes:
@@ -93,6 +94,8 @@ class RefinementConfig:
         covariance_scale: factor on the geometric covariance; 0 = the map's calibration (1 without one).
         min_position_std, min_rotation_std_deg: floors of the reported standard deviations.
     """
+
+    SETTINGS_NAME = "refinement config"  # prefix of the errors of from_dict (not a field)
 
     keyframes: int = 4
     metres_per_radian: float = 1.0
@@ -137,18 +140,6 @@ class RefinementConfig:
             problems.append("min_inlier_ratio must be <= 1")
         if problems:
             raise ValueError("refinement config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RefinementConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error (typos in a params file)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"refinement config: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**d)
 
     @classmethod
     def from_yaml(cls, path) -> "RefinementConfig":
