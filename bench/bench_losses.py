@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ros2_posenet.data import build_dataset  # noqa: E402
 from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene  # noqa: E402
-from ros2_posenet.evaluate import (  # noqa: E402
-    METHOD_MEAN, METHOD_MODEL, baseline_predictions, dataset_poses, pose_errors, summarize_errors, threshold_key,
+from ros2_posenet.evaluate import baseline_predictions  # noqa: E402
+from ros2_posenet.metrics import (  # noqa: E402
+    METHOD_MEAN, METHOD_MODEL, dataset_poses, pose_errors, summarize_errors, threshold_key,
 )
 from ros2_posenet.preprocess import PreprocessConfig  # noqa: E402
 from ros2_posenet.train import load_config, run_training  # noqa: E402

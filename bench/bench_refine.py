@@ -32,10 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene  # noqa: E402
-from ros2_posenet.features import FeatureConfig  # noqa: E402
-from ros2_posenet.refine import RefinementConfig, Refiner, perturb_pose, pose_difference  # noqa: E402
-from ros2_posenet.scene_map import SceneMap, depth_lift, filter_by_agreement, select_keyframes  # noqa: E402
-from ros2_posenet.tools.build_map import (  # noqa: E402
+from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
+from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose, pose_difference  # noqa: E402
+from ros2_posenet.geometric.scene_map import SceneMap, depth_lift, filter_by_agreement, select_keyframes  # noqa: E402
+from ros2_posenet.geometric.map_builder import (  # noqa: E402
     build_scene_map, calibrate, held_out_indices, open_dataset, pose_matrix, read_depth_m,
 )
 

@@ -5,8 +5,8 @@ Data: the Strecha fountain-P11 set (11 photographs, 3072x2048, ground-truth came
 ``../shared/data/strecha-fountain-P11`` from the project root, README there). It has
 no depth, so the map's 3D points come from triangulating SIFT matches between the
 8 map images with their known poses (``build-map --points triangulation``,
-:mod:`ros2_posenet.triangulation`); the 3 other views (0002, 0005, 0008 by default,
-each between two map views) are relocalised by :class:`ros2_posenet.refine.Refiner`
+:mod:`ros2_posenet.geometric.triangulation`); the 3 other views (0002, 0005, 0008 by default,
+each between two map views) are relocalised by :class:`ros2_posenet.geometric.refiner.Refiner`
 from priors moved by 0.5–1 m and turned by 10°, and once from a prior 5 m away
 (which must fall back, or be recovered by retrieval and say so).
 
@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ros2_posenet.data import build_dataset  # noqa: E402
-from ros2_posenet.features import FeatureConfig  # noqa: E402
-from ros2_posenet.refine import RefinementConfig, Refiner, pose_difference, perturb_pose  # noqa: E402
-from ros2_posenet.tools.build_map import build_scene_map  # noqa: E402
+from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
+from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, pose_difference, perturb_pose  # noqa: E402
+from ros2_posenet.geometric.map_builder import build_scene_map  # noqa: E402
 
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "strecha-fountain-P11"
 HELD_OUT = ("0002.jpg", "0005.jpg", "0008.jpg")

@@ -37,7 +37,8 @@ from ros2_posenet.checkpoint import load_checkpoint, preprocess_from_checkpoint 
 from ros2_posenet.covariance import REPORT_LEVELS, available_methods, calibration_metrics, pose_residuals  # noqa: E402
 from ros2_posenet.data import build_dataset  # noqa: E402
 from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene  # noqa: E402
-from ros2_posenet.evaluate import covariance_forward, pose_errors, predict_poses, summarize_errors  # noqa: E402
+from ros2_posenet.evaluate import covariance_forward
+from ros2_posenet.metrics import pose_errors, predict_poses, summarize_errors  # noqa: E402
 from ros2_posenet.inference import Relocalizer  # noqa: E402
 from ros2_posenet.train import load_config, run_training  # noqa: E402
 

@@ -3,7 +3,7 @@
 * :class:`MeanPoseBaseline` always answers the training set's mean pose: a regressor
   that does not beat it has learned nothing about the image.
 * :class:`NearestNeighbourBaseline` answers the pose of the most similar training
-  image under a simple global descriptor (:func:`tiny_image_descriptor`). Absolute
+  image under a simple global descriptor (:func:`ros2_posenet.geometric.retrieval.tiny_image_descriptor`). Absolute
   pose regressors are known to perform close to image retrieval (Sattler et al.,
   "Understanding the limitations of CNN-based absolute camera pose regression",
   CVPR 2019), so this is the figure a model should be compared with.
@@ -13,14 +13,9 @@ descriptors (N, D).
 """
 from __future__ import annotations
 
-import cv2
-import numpy as np
 import torch
 
 from .geometry import quat_canonical, quat_normalize
-from .preprocess import check_rgb_image
-
-DESCRIPTOR_SIZE = 16  # pixels per side of the tiny image
 
 
 def average_quaternion(q: torch.Tensor) -> torch.Tensor:
@@ -48,26 +43,6 @@ class MeanPoseBaseline:
     def predict(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Poses for ``n`` query images: ``(t (n, 3), q (n, 4))``."""
         return self.position.expand(n, 3).clone(), self.rotation.expand(n, 4).clone()
-
-
-def tiny_image_descriptor(image: np.ndarray, size: int = DESCRIPTOR_SIZE) -> np.ndarray:
-    """Global descriptor (3·size²,) of an HxWx3 uint8 RGB image.
-
-    The image is centre-cropped to a square, shrunk to ``size``×``size`` (area
-    averaging), and each channel is made zero-mean; the vector is L2-normalised so
-    the dot product of two descriptors is their normalised cross-correlation,
-    which tolerates global brightness and contrast changes.
-    """
-    check_rgb_image(image)
-    h, w = image.shape[:2]
-    side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    square = image[y0 : y0 + side, x0 : x0 + side]
-    tiny = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
-    tiny -= tiny.reshape(-1, 3).mean(0)
-    vector = tiny.reshape(-1)
-    norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 1e-6 else vector
 
 
 class NearestNeighbourBaseline:

@@ -17,141 +17,24 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .baselines import MeanPoseBaseline, NearestNeighbourBaseline, tiny_image_descriptor
+from .baselines import MeanPoseBaseline, NearestNeighbourBaseline
 from .checkpoint import CheckpointError
 from .covariance import REPORT_LEVELS, UNCERTAINTY_METHODS, block_nees, calibration_metrics, pose_residuals
-from .geometry import position_error, quat_canonical, rotation_error_deg
+from .geometric.refiner import RefinementConfig, Refiner
+from .geometric.retrieval import tiny_image_descriptor
+from .geometric.scene_map import MapError
 from .inference import Relocalizer
-from .refine import RefinementConfig, Refiner
-from .scene_map import MapError
+from .metrics import (
+    METHOD_MEAN, METHOD_MODEL, METHOD_NN, METHOD_REFINED, METHOD_RETRIEVAL_REFINED, THRESHOLDS, Forward, dataset_poses,
+    pose_errors, predict_poses, record_field, summarize_errors, threshold_key, unwrap_subset,
+)
 
 log = logging.getLogger(__name__)
-
-# (metres, degrees) pairs: the usual relocalisation accuracy bins (fine, medium, coarse).
-THRESHOLDS = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
-METHOD_MODEL = "posenet"
-METHOD_MEAN = "mean pose"
-METHOD_NN = "nearest neighbour"
-METHOD_REFINED = "posenet + refinement"
-METHOD_RETRIEVAL_REFINED = "retrieval + refinement"
-
-Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def pose_errors(pred_t: torch.Tensor, pred_q: torch.Tensor, true_t: torch.Tensor, true_q: torch.Tensor):
-    """Per-frame errors: ``(position (N,) metres, rotation (N,) degrees)`` as float64 numpy."""
-    pos = position_error(pred_t.double(), true_t.double())
-    rot = rotation_error_deg(pred_q.double(), true_q.double())
-    return pos.cpu().numpy(), rot.cpu().numpy()
-
-
-def threshold_key(metres: float, degrees: float) -> str:
-    """Name of a threshold bin in result dicts, e.g. ``within_0.25m_2deg``."""
-    return f"within_{metres:g}m_{degrees:g}deg"
-
-
-def summarize_errors(position_err: np.ndarray, rotation_err: np.ndarray, thresholds=THRESHOLDS) -> dict:
-    """Median/mean errors and the share of frames inside each (m, °) bin.
-
-    Args:
-        position_err: (N,) metres. rotation_err: (N,) degrees.
-    """
-    position_err, rotation_err = np.asarray(position_err, float), np.asarray(rotation_err, float)
-    if position_err.shape != rotation_err.shape or position_err.ndim != 1:
-        raise ValueError(f"need two (N,) error arrays, got {position_err.shape} and {rotation_err.shape}")
-    n = len(position_err)
-    summary = {
-        "frames": n,
-        "median_position_m": float(np.median(position_err)) if n else float("nan"),
-        "median_rotation_deg": float(np.median(rotation_err)) if n else float("nan"),
-        "mean_position_m": float(np.mean(position_err)) if n else float("nan"),
-        "mean_rotation_deg": float(np.mean(rotation_err)) if n else float("nan"),
-    }
-    for metres, degrees in thresholds:
-        inside = (position_err <= metres) & (rotation_err <= degrees)
-        summary[threshold_key(metres, degrees)] = float(inside.mean()) if n else float("nan")
-    return summary
-
-
-# ----------------------------------------------------------------------------- prediction
-
-
-def dataset_poses(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ground-truth ``(t (N, 3), q (N, 4))`` of a dataset, read from its ``samples`` records.
-
-    Reading the records avoids decoding every image just to get its pose.
-    """
-    base, indices = _unwrap_subset(dataset)
-    records = [base.samples[i] for i in indices]
-    t = torch.tensor(np.array([_record_field(r, "position") for r in records], dtype=np.float64), dtype=torch.float32)
-    q = torch.tensor(np.array([_record_field(r, "rotation") for r in records], dtype=np.float64), dtype=torch.float32)
-    return t, quat_canonical(q)
-
-
-def _record_field(record, name: str):
-    return record[name] if isinstance(record, dict) else getattr(record, name)
-
-
-def _unwrap_subset(dataset) -> tuple[Dataset, list[int]]:
-    """The underlying dataset and the indices a (possibly nested) ``Subset`` selects."""
-    indices = list(range(len(dataset)))
-    while isinstance(dataset, torch.utils.data.Subset):
-        indices = [dataset.indices[i] for i in indices]
-        dataset = dataset.dataset
-    return dataset, indices
-
-
-@torch.inference_mode()
-def predict_poses(
-    forward: Forward,
-    dataset: Dataset,
-    batch_size: int = 32,
-    workers: int = 0,
-    progress: bool = False,
-    desc: str = "predict",
-) -> dict[str, torch.Tensor]:
-    """Run ``forward`` over a (non-augmented) dataset.
-
-    Args:
-        forward: preprocessed images (B, 3, H, W) -> (t (B, 3), q (B, 4)); e.g. an eval-mode
-            PoseNet or :meth:`Relocalizer.forward_batch`.
-
-    Returns:
-        CPU float32 tensors ``pred_t`` (N, 3), ``pred_q`` (N, 4), ``true_t``, ``true_q`` and
-        ``index`` (N,) in dataset order.
-    """
-    from .data import collate_pose_batch
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_pose_batch)
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("pred_t", "pred_q", "true_t", "true_q", "index")}
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        t, q = forward(batch["image"])
-        out["pred_t"].append(t.float().cpu())
-        out["pred_q"].append(quat_canonical(q.float().cpu()))
-        out["true_t"].append(batch["position"].float())
-        out["true_q"].append(batch["rotation"].float())
-        out["index"].append(torch.as_tensor(batch["index"]).long())
-    return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
-
-
-def model_forward(model: torch.nn.Module, device: torch.device) -> Forward:
-    """Wrap an eval-mode model as a :data:`Forward` that moves batches to ``device``."""
-
-    def forward(images: torch.Tensor):
-        t, q = model(images.to(device, non_blocking=True))
-        return t.float(), q.float()
-
-    return forward
 
 
 def covariance_forward(reloc: Relocalizer, sink: list) -> Forward:
@@ -168,7 +51,7 @@ def covariance_forward(reloc: Relocalizer, sink: list) -> Forward:
 
 def image_descriptors(dataset, progress: bool = False, desc: str = "descriptors") -> torch.Tensor:
     """Tiny-image descriptors (N, D) of a dataset's raw images (``dataset.load_image``)."""
-    base, indices = _unwrap_subset(dataset)
+    base, indices = unwrap_subset(dataset)
     rows = [tiny_image_descriptor(base.load_image(i)) for i in tqdm(indices, desc=desc, leave=False, disable=not progress)]
     return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 1)
 
@@ -202,7 +85,7 @@ def evaluate_checkpoint(
     the checkpoint's method) fits the model's errors: NEES medians and chi-square coverage
     (:func:`ros2_posenet.covariance.calibration_metrics`); with plots, ``reliability.png``.
 
-    With ``map_file`` (a :class:`~ros2_posenet.scene_map.SceneMap` from ``build-map``)
+    With ``map_file`` (a :class:`~ros2_posenet.geometric.scene_map.SceneMap` from ``build-map``)
     two more rows: the regressor's poses refined against the map, and retrieval +
     refinement without the regressor (:func:`refinement_predictions`); rows then carry
     ``ms_per_frame`` (and the refined ones ``refined_share``, ``median_inliers``): for the
@@ -226,7 +109,7 @@ def evaluate_checkpoint(
     scene = getattr(dataset, "scene_name", Path(root).name)
     scene_map = None
     if map_file is not None:
-        from .scene_map import SceneMap
+        from .geometric.scene_map import SceneMap
 
         scene_map = SceneMap.load(map_file)  # fail before the long part
     started = time.perf_counter()
@@ -288,13 +171,13 @@ def baseline_predictions(train_set, query_set, progress: bool = False) -> dict[s
 
 
 def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: torch.Tensor, prior_covariance,
-                           config=None, progress: bool = False) -> tuple[dict, dict]:
+                           config=None, progress: bool = False) -> tuple[dict, dict, torch.Tensor]:
     """The regressor's poses refined against ``scene_map``, and retrieval + refinement (no prior).
 
     Args:
         prior_t, prior_q: (N, 3), (N, 4) the regressor's poses, in dataset order.
         prior_covariance: (6, 6) or per frame (N, 6, 6): the regressor's covariance (the gate's prior uncertainty).
-        config: :class:`~ros2_posenet.refine.RefinementConfig` (default settings if None).
+        config: :class:`~ros2_posenet.geometric.refiner.RefinementConfig` (default settings if None).
 
     Returns:
         ``({method: (t (N, 3), q (N, 4))}, {method: {"ms_per_frame", "refined_share", "median_inliers"}}, covariance)``;
@@ -305,7 +188,7 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
     from .geometry import matrix_to_pose, pose_to_matrix
 
     refiner = Refiner(scene_map, config)
-    base, indices = _unwrap_subset(dataset)
+    base, indices = unwrap_subset(dataset)
     prior_covariance = np.asarray(prior_covariance, dtype=float)
     if prior_covariance.shape == (6, 6):
         prior_covariance = np.broadcast_to(prior_covariance, (len(indices), 6, 6))
@@ -353,8 +236,8 @@ def write_scene_outputs(out_dir: Path, result: dict, dataset, pred: dict, per_me
 
 def write_frames_csv(path: Path, dataset, pred: dict, model_errors) -> Path:
     """One row per frame: image, true and predicted pose (w,x,y,z), errors."""
-    base, indices = _unwrap_subset(dataset)
-    names = [str(_record_field(base.samples[i], "image_path")) if _has_field(base.samples[i], "image_path") else str(i) for i in indices]
+    base, indices = unwrap_subset(dataset)
+    names = [str(record_field(base.samples[i], "image_path")) if _has_field(base.samples[i], "image_path") else str(i) for i in indices]
     axes = ("x", "y", "z")
     quat = ("qw", "qx", "qy", "qz")
     header = ["index", "image", *(f"true_{a}" for a in axes + quat), *(f"pred_{a}" for a in axes + quat), "position_error_m", "rotation_error_deg"]

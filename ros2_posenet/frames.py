@@ -28,6 +28,7 @@ from .geometry import (
     optical_pose_to_body,
     pose_to_matrix,
     rpy_to_matrix,
+    skew,
 )
 
 
@@ -77,14 +78,6 @@ class CameraMount:
 def map_to_odom(T_map_base: np.ndarray, T_odom_base: np.ndarray) -> np.ndarray:
     """REP-105 correction ``T_map_odom`` such that ``T_map_odom · T_odom_base = T_map_base``."""
     return np.asarray(T_map_base, dtype=float) @ invert_matrix(T_odom_base)
-
-
-def skew(v) -> np.ndarray:
-    """Cross-product matrices ``[v]×`` (``[v]× w = v × w``): (…, 3, 3) of vectors (…, 3)."""
-    v = np.asarray(v, dtype=float)
-    x, y, z = v[..., 0], v[..., 1], v[..., 2]
-    zero = np.zeros_like(x)
-    return np.stack((np.stack((zero, -z, y), -1), np.stack((z, zero, -x), -1), np.stack((-y, x, zero), -1)), -2)
 
 
 def transport_covariance(cov: np.ndarray, lever_arm) -> np.ndarray:

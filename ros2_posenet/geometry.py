@@ -96,11 +96,6 @@ def matrix_to_quat(R: torch.Tensor) -> torch.Tensor:
     return quat_canonical(quat_normalize(q))
 
 
-def quat_rotate(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Rotate vectors ``v`` (B, N, 3) by quaternions ``q`` (B, 4)."""
-    return v @ quat_to_matrix(q).transpose(-1, -2)
-
-
 def pose_compose(t_ab: torch.Tensor, q_ab: torch.Tensor, t_bc: torch.Tensor, q_bc: torch.Tensor):
     """Compose ``T_ab ∘ T_bc`` -> ``T_ac``; translations (…, 3), quaternions (…, 4)."""
     t_ac = t_ab + (quat_to_matrix(q_ab) @ t_bc.unsqueeze(-1)).squeeze(-1)
@@ -250,3 +245,11 @@ def rotation_angle_deg_np(q1, q2) -> float:
     """Geodesic angle in degrees between two quaternions (numpy, sign-invariant)."""
     dot = abs(float(np.dot(canonical_quat_np(q1), canonical_quat_np(q2))))
     return math.degrees(2.0 * math.acos(min(1.0, dot)))
+
+
+def skew(v) -> np.ndarray:
+    """Cross-product matrices ``[v]×`` (``[v]× w = v × w``): (…, 3, 3) of vectors (…, 3)."""
+    v = np.asarray(v, dtype=float)
+    x, y, z = v[..., 0], v[..., 1], v[..., 2]
+    zero = np.zeros_like(x)
+    return np.stack((np.stack((zero, -z, y), -1), np.stack((z, zero, -x), -1), np.stack((-y, x, zero), -1)), -2)

@@ -51,14 +51,14 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from .baselines import MeanPoseBaseline
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .covariance import calibrate_methods, unit_covariances
 from .data import DatasetError
 from .data.split import Split, block_split, split_frames
-from .evaluate import METHOD_MEAN, METHOD_MODEL, dataset_poses, model_forward, pose_errors, predict_poses, summarize_errors
-from .baselines import MeanPoseBaseline
 from .inference import resolve_device
 from .losses import build_loss, parameter_groups, variance_head_nll
+from .metrics import METHOD_MEAN, METHOD_MODEL, dataset_poses, model_forward, pose_errors, predict_poses, summarize_errors
 from .model import ModelConfig, PoseNet
 from .preprocess import PreprocessConfig
 from .train_config import (  # noqa: F401 (load_config, apply_override: public API of train too)

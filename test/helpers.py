@@ -8,11 +8,11 @@ import torch
 
 from ros2_posenet.checkpoint import save_checkpoint
 from ros2_posenet.data.synthetic import SyntheticScene, SyntheticSceneConfig, generate_scene
-from ros2_posenet.features import FeatureConfig
+from ros2_posenet.geometric.features import FeatureConfig
 from ros2_posenet.geometry import project_points
 from ros2_posenet.model import ModelConfig, PoseNet
 from ros2_posenet.preprocess import PreprocessConfig
-from ros2_posenet.scene_map import SceneMap, SceneMapBuilder, depth_lift
+from ros2_posenet.geometric.scene_map import SceneMap, SceneMapBuilder, depth_lift
 
 TINY_SCENE = SyntheticSceneConfig(width=160, height=120, frames_train=16, frames_test=6, train_sequences=2, num_points=600)
 

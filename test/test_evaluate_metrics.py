@@ -11,15 +11,10 @@ from ros2_posenet.baselines import (
     MeanPoseBaseline,
     NearestNeighbourBaseline,
     average_quaternion,
-    tiny_image_descriptor,
 )
-from ros2_posenet.evaluate import (
-    format_table,
-    pose_errors,
-    summarize_errors,
-    threshold_key,
-    write_results,
-)
+from ros2_posenet.evaluate import format_table, write_results
+from ros2_posenet.geometric.retrieval import tiny_image_descriptor
+from ros2_posenet.metrics import pose_errors, summarize_errors, threshold_key
 from ros2_posenet.plots import plot_error_cdfs, plot_trajectory, top_down_axes
 
 

@@ -14,7 +14,7 @@ C (1 line, metres) and the image width and height (1 line). Projection:
 project's convention (:mod:`ros2_posenet.geometry`) without conversion.
 
 Such a set has no depth: a scene map is built from it by triangulating feature
-matches (:mod:`ros2_posenet.triangulation`, ``build-map --points triangulate``).
+matches (:mod:`ros2_posenet.geometric.triangulation`, ``build-map --points triangulate``).
 """
 from __future__ import annotations
 

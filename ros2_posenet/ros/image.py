@@ -74,10 +74,6 @@ class ImageConversionError(ValueError):
         self.reason = reason
 
 
-def cv_bridge_available() -> bool:
-    return _BRIDGE is not None
-
-
 def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
     """Refuse an image of more than ``max_pixels`` pixels (0: no limit) before any work is spent on it."""
     if max_pixels and width * height > max_pixels:

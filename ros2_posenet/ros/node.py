@@ -64,8 +64,8 @@ from ..frames import CameraMount, PoseHistory, RelocalizedPoses, extrinsic_matri
 from ..backends import COMPILE_MODES
 from ..inference import BACKENDS, PRECISIONS, BackendUnavailableError, NonFiniteOutputError, Relocalizer, resolve_device
 from ..initial_pose import INITIAL_POSE_MODES
-from ..refine import RefinementConfig
-from ..scene_map import MapError
+from ..geometric.refiner import RefinementConfig
+from ..geometric.scene_map import MapError
 from . import messages
 from .robot import RobotInterfaces
 from .camera_info import CameraInfoBuffer, CameraInfoError

@@ -1,7 +1,7 @@
 """The geometric refinement stage as the node runs it.
 
 Pairs each image with its ``CameraInfo``, undistorts when the calibration has
-distortion, runs :class:`ros2_posenet.refine.Refiner` on the regressor's pose and
+distortion, runs :class:`ros2_posenet.geometric.refiner.Refiner` on the regressor's pose and
 returns the pose to publish: the refined one with its geometric covariance, or the
 regressor's unchanged (``fallback``, ``no_camera_info``). Never raises on data: a
 failed refinement is a fallback, counted by the node.
@@ -15,8 +15,8 @@ import numpy as np
 
 from ..geometry import matrix_to_pose, pose_to_matrix
 from ..inference import PosePrediction
-from ..refine import RefinementConfig, RefinementResult, Refiner
-from ..scene_map import SceneMap
+from ..geometric.refiner import RefinementConfig, RefinementResult, Refiner
+from ..geometric.scene_map import SceneMap
 from .camera_info import CameraInfoBuffer, CameraInfoError, CameraIntrinsics, intrinsics_mismatch
 
 # Outcome of one frame, also the node's counter names ("refine_<status>").

@@ -62,11 +62,11 @@ from ..checkpoint import CheckpointError
 from ..frames import CameraMount, PoseHistory, RelocalizedPoses, map_to_odom
 from ..inference import PosePrediction, Relocalizer, finite_rows
 from ..ros import messages
-from ..refine import RefinementConfig
+from ..geometric.refiner import RefinementConfig
 from ..ros.camera_info import CameraInfoError
 from ..ros.image import ImageConversionError, msg_to_rgb
 from ..ros.refinement import REFINED, NodeRefinement
-from ..scene_map import MapError
+from ..geometric.scene_map import MapError
 from ..ros.node import NODE_NAME, ODOM_SOURCES, PARAMETERS, TF_MODES, TF_QOS, TF_STATIC_QOS, camera_info_topic_of, validate_parameter
 
 log = logging.getLogger("relocalize-bag")

@@ -8,10 +8,10 @@ from sensor_msgs.msg import CameraInfo
 from helpers import ROOM_K, room_map, room_pose
 from ros2_posenet.geometry import matrix_to_pose, pose_to_matrix
 from ros2_posenet.inference import PosePrediction
-from ros2_posenet.refine import RefinementConfig, perturb_pose, pose_difference
+from ros2_posenet.geometric.refiner import RefinementConfig, perturb_pose, pose_difference
 from ros2_posenet.ros.refinement import FALLBACK, NO_CAMERA_INFO, REFINED, NodeRefinement, _Undistorter
 from ros2_posenet.ros.camera_info import intrinsics_from_camera_info
-from ros2_posenet.scene_map import MapError
+from ros2_posenet.geometric.scene_map import MapError
 
 PRIOR_COV = np.diag([0.25] * 3 + [0.03] * 3)
 

@@ -21,7 +21,7 @@ import yaml  # noqa: E402
 
 from ros2_posenet.ros.node import PARAMETER_NAMES, PARAMETERS, validate_parameter  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_FILE = ROOT / "launch" / "relocalize.launch.py"
 PARAMS_FILE = ROOT / "config" / "posenet.yaml"
 

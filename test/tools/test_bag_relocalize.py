@@ -9,25 +9,20 @@ import logging
 import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
-from rosbags.typesys import Stores, get_typestore
+from rosbags.rosbag2 import Reader, StoragePlugin
 
+from bag_helpers import (
+    COV, EXTRINSIC, N_FRAMES, TOPIC, TS, base_args, check_camera_body_frame, matrix, odometry_msg, png_msg,
+    raw_image_msg, read_topic, stamp_text, stamps, topics, write_bag,
+)
 from helpers import untrained_checkpoint
 from ros2_posenet.frames import extrinsic_matrix
-from ros2_posenet.geometry import matrix_to_pose, pose_to_matrix, wxyz_to_xyzw, xyzw_to_wxyz
+from ros2_posenet.geometry import pose_to_matrix
 from ros2_posenet.inference import Relocalizer
 from ros2_posenet.preprocess import PreprocessConfig
 from ros2_posenet.tools.relocalize_bag import main, parse_args, resolve_parameters
-
-TS = get_typestore(Stores.LATEST)
-TOPIC = "/camera/image_raw"
-CAMERA_FRAME = "camera_optical_frame"
-N_FRAMES = 5
-COV = {"position_var": [0.04, 0.09, 0.01], "rotation_var": [1e-3, 2e-3, 3e-3], "samples": 10}
-EXTRINSIC = [0.2, -0.1, 0.5, 0.0, 0.3, -0.2]  # camera_link in base_link
 
 
 @pytest.fixture(scope="module")
@@ -47,103 +42,6 @@ def predictions(checkpoint, frames):
     """The network's optical-frame camera poses (4×4) of each frame, straight from the Relocalizer."""
     reloc = Relocalizer(str(checkpoint), device="cpu", backend="torch")
     return [pose_to_matrix(p.position, p.quaternion) for p in map(reloc.predict, frames)]
-
-
-def stamps(i: int) -> tuple[int, int, int]:
-    """(bag time ns, header sec, header nanosec): the header lags the receive time by 7 ms."""
-    bag_time = 1_700_000_000_000_000_000 + i * 100_000_000
-    header = bag_time - 7_000_000
-    return bag_time, header // 10**9, header % 10**9
-
-
-def stamp_text(i: int) -> str:
-    _, sec, nanosec = stamps(i)
-    return f"{sec}.{nanosec:09d}"
-
-
-def header(i: int, frame_id: str = CAMERA_FRAME):
-    _, sec, nanosec = stamps(i)
-    return TS.types["std_msgs/msg/Header"](stamp=TS.types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec), frame_id=frame_id)
-
-
-def raw_image_msg(i: int, rgb: np.ndarray):
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    h, w = rgb.shape[:2]
-    return TS.types["sensor_msgs/msg/Image"](
-        header=header(i), height=h, width=w, encoding="bgr8", is_bigendian=0, step=w * 3, data=bgr.reshape(-1)
-    )
-
-
-def png_msg(i: int, rgb: np.ndarray | None):
-    """Lossless PNG (decodes to the same pixels); ``None`` gives a corrupt payload."""
-    data = np.frombuffer(b"not a png", np.uint8) if rgb is None else cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].reshape(-1)
-    return TS.types["sensor_msgs/msg/CompressedImage"](header=header(i), format="png", data=data)
-
-
-def odometry_msg(i: int, T_odom_base: np.ndarray):
-    T = TS.types
-    t, q = T_odom_base[:3, 3], xyzw_from_matrix(T_odom_base)
-    pose = T["geometry_msgs/msg/Pose"](
-        position=T["geometry_msgs/msg/Point"](*map(float, t)), orientation=T["geometry_msgs/msg/Quaternion"](*map(float, q))
-    )
-    return T["nav_msgs/msg/Odometry"](
-        header=header(i, "odom"), child_frame_id="base_link",
-        pose=T["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
-        twist=T["geometry_msgs/msg/TwistWithCovariance"](
-            twist=T["geometry_msgs/msg/Twist"](linear=T["geometry_msgs/msg/Vector3"](0.0, 0.0, 0.0), angular=T["geometry_msgs/msg/Vector3"](0.0, 0.0, 0.0)),
-            covariance=np.zeros(36),
-        ),
-    )
-
-
-def xyzw_from_matrix(T: np.ndarray) -> list[float]:
-    return list(wxyz_to_xyzw(matrix_to_pose(T)[1]))
-
-
-def write_bag(path, storage: StoragePlugin, msgtype: str, messages: list, extra: dict | None = None) -> None:
-    """Images (or raw bytes) on TOPIC at ``stamps(i)``, a /chatter topic, and ``extra`` {topic: (msgtype, [(i, msg)])}."""
-    with Writer(path, version=Writer.VERSION_LATEST, storage_plugin=storage) as writer:
-        conn = writer.add_connection(TOPIC, msgtype, typestore=TS)
-        writer.add_connection("/chatter", "std_msgs/msg/String", typestore=TS)
-        for topic, (extra_type, items) in (extra or {}).items():
-            extra_conn = writer.add_connection(topic, extra_type, typestore=TS)
-            for i, msg in items:
-                writer.write(extra_conn, stamps(i)[0] - 1, TS.serialize_cdr(msg, extra_type))
-        for i, msg in enumerate(messages):
-            writer.write(conn, stamps(i)[0], msg if isinstance(msg, bytes) else TS.serialize_cdr(msg, msgtype))
-
-
-def read_topic(path, topic: str) -> list[tuple[int, object]]:
-    with Reader(path) as reader:
-        conns = [c for c in reader.connections if c.topic == topic]
-        return [(t, TS.deserialize_cdr(raw, c.msgtype)) for c, t, raw in reader.messages(connections=conns)]
-
-
-def topics(path) -> set[str]:
-    with Reader(path) as reader:
-        return {c.topic for c in reader.connections}
-
-
-def matrix(pose) -> np.ndarray:
-    """4×4 of a rosbags Pose or Transform message."""
-    t = pose.position if hasattr(pose, "position") else pose.translation
-    o = pose.orientation if hasattr(pose, "orientation") else pose.rotation
-    return pose_to_matrix([t.x, t.y, t.z], xyzw_to_wxyz([o.x, o.y, o.z, o.w]))
-
-
-def check_camera_body_frame(T_map_camera: np.ndarray, T_map_optical: np.ndarray) -> None:
-    """REP-103 body axes from the optical axes: x forward = optical z, y left = −optical x, z up = −optical y."""
-    R_cam, R_opt = T_map_camera[:3, :3], T_map_optical[:3, :3]
-    np.testing.assert_allclose(R_cam[:, 0], R_opt[:, 2], atol=1e-5)  # batched vs single-image forwards
-    np.testing.assert_allclose(R_cam[:, 1], -R_opt[:, 0], atol=1e-5)
-    np.testing.assert_allclose(R_cam[:, 2], -R_opt[:, 1], atol=1e-5)
-    np.testing.assert_allclose(T_map_camera[:3, 3], T_map_optical[:3, 3], atol=1e-5)
-
-
-def base_args(bag, out, checkpoint, *extra):
-    """Command line for one run; torch unless ``extra`` names another backend (the last flag wins)."""
-    return [str(bag), "--topic", TOPIC, "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu", "--backend", "torch",
-            *map(str, extra)]
 
 
 # ----------------------------------------------------------------------------- conventions
@@ -250,7 +148,7 @@ def test_mcap_compressed_images_skip_corrupt_frame_named_by_stamp(tmp_path, chec
 
 
 def test_shipped_params_file_gives_the_node_parameters_and_flags_win():
-    config = Path(__file__).resolve().parents[1] / "config" / "posenet.yaml"
+    config = Path(__file__).resolve().parents[2] / "config" / "posenet.yaml"
     params = resolve_parameters(parse_args(["bag", "--out", "o", "--params-file", str(config), "--checkpoint", "c.pt", "--base-frame", "base"]))
     assert (params["checkpoint"], params["backend"], params["tf_mode"], params["camera_frame"]) == ("c.pt", "torch", "map_to_camera", "camera_link")
     assert (params["image_topic"], params["pose_topic"], params["base_frame"]) == ("/camera/image_raw", "/posenet/pose", "base")

@@ -12,7 +12,7 @@ import pytest
 from ros2_posenet.data import DatasetError, PosedImageSet, build_dataset, read_strecha_camera
 from ros2_posenet.geometry import pose_to_matrix
 
-STRECHA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "strecha-fountain-P11"
+STRECHA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "strecha-fountain-P11"
 
 CAMERA_TEXT = """2759.48 0 1520.69
 0 2764.16 1006.81
@@ -139,8 +139,8 @@ def fountain():
     if not STRECHA.is_dir():
         pytest.skip(f"real posed photographs not found at {STRECHA} (the Strecha fountain-P11 set in "
                     "../shared/data beside the project; see its README)")
-    from ros2_posenet.features import FeatureConfig
-    from ros2_posenet.tools.build_map import build_scene_map
+    from ros2_posenet.geometric.features import FeatureConfig
+    from ros2_posenet.geometric.map_builder import build_scene_map
 
     train = build_dataset("posed", STRECHA, "train", held_out=HELD_OUT)
     test = build_dataset("posed", STRECHA, "test", held_out=HELD_OUT)
@@ -169,14 +169,14 @@ def test_fountain_map_is_triangulated_and_records_how(fountain, tmp_path):
         uv = Xc @ K.T
         assert np.max(np.linalg.norm(uv[:, :2] / uv[:, 2:] - scene_map.keypoints[i], axis=1)) < 2.5
     # Round trip through the map file keeps the per-point records.
-    from ros2_posenet.scene_map import SceneMap
+    from ros2_posenet.geometric.scene_map import SceneMap
 
     loaded = SceneMap.load(scene_map.save(tmp_path / "fountain.npz"))
     np.testing.assert_array_equal(np.concatenate(loaded.point_info["track_length"]), tracks)
 
 
 def test_fountain_held_out_views_are_relocalised_and_a_far_prior_falls_back(fountain):
-    from ros2_posenet.refine import RefinementConfig, Refiner, perturb_pose, pose_difference
+    from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose, pose_difference
 
     _, test, scene_map = fountain
     refiner = Refiner(scene_map, RefinementConfig())

@@ -36,9 +36,9 @@ from typing import Callable
 
 import numpy as np
 
-from .baselines import tiny_image_descriptor
+from ..geometry import backproject_pixels
 from .features import FeatureConfig, detect_features, match_features
-from .geometry import backproject_pixels
+from .retrieval import tiny_image_descriptor
 
 FORMAT = "ros2_posenet.scene_map"
 VERSION = 1

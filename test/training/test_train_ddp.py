@@ -10,7 +10,7 @@ import torch
 from ros2_posenet.checkpoint import load_checkpoint
 from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_torchrun_two_cpu_processes_train_one_epoch(tmp_path):

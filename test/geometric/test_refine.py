@@ -8,7 +8,7 @@ import pytest
 from helpers import ROOM_K, room_map, room_pose, tiny_scene, untrained_checkpoint
 from ros2_posenet.evaluate import METHOD_MODEL, METHOD_REFINED, METHOD_RETRIEVAL_REFINED, main as evaluate_main
 from ros2_posenet.preprocess import PreprocessConfig
-from ros2_posenet.refine import (
+from ros2_posenet.geometric.refiner import (
     SOLVERS, RefinementConfig, Refiner, geometric_covariance, perturb_pose, pose_difference, reprojection_jacobian,
     solve_absolute_pose,
 )
@@ -230,5 +230,5 @@ def test_the_shipped_refine_yaml_holds_the_defaults():
     """config/refine.yaml documents the defaults: it must not drift from RefinementConfig."""
     from pathlib import Path
 
-    shipped = RefinementConfig.from_yaml(Path(__file__).resolve().parents[1] / "config" / "refine.yaml")
+    shipped = RefinementConfig.from_yaml(Path(__file__).resolve().parents[2] / "config" / "refine.yaml")
     assert shipped == RefinementConfig()

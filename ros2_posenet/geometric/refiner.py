@@ -43,10 +43,9 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from ..geometry import invert_matrix, matrix_to_pose, skew
+from ..preprocess import check_rgb_image
 from .features import detect_features, match_features
-from .frames import skew
-from .geometry import invert_matrix, matrix_to_pose
-from .preprocess import check_rgb_image
 from .scene_map import SceneMap
 from .settings import StrictDictSettings
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ros2_posenet.triangulation import (
+from ros2_posenet.geometric.triangulation import (
     TriangulationConfig,
     TriangulationError,
     fundamental_from_poses,
@@ -250,7 +250,7 @@ def test_bad_input_raises_clear_errors():
 
 def test_default_matcher_matches_descriptors_of_the_same_world_point():
     """The real matcher (features.match_features: ratio + mutual) on SIFT-like uint8 descriptors."""
-    from ros2_posenet.features import FeatureConfig
+    from ros2_posenet.geometric.features import FeatureConfig
 
     rng = np.random.default_rng(12)
     scene = Scene(random_points(300, seed=13), arc_cameras(n=4), noise_px=0.3, seed=14)
@@ -306,7 +306,8 @@ def test_build_map_triangulates_a_rendered_scene_where_depth_says(tmp_path):
     used): the triangulated points agree with the renderer's depth at their keypoints."""
     from ros2_posenet.data import build_dataset
     from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene
-    from ros2_posenet.scene_map import SceneMap, depth_lift
+    from ros2_posenet.geometric.scene_map import SceneMap, depth_lift
+    from ros2_posenet.geometric.map_builder import read_depth_m
     from ros2_posenet.tools import build_map
 
     root = tmp_path / "scene"
@@ -323,7 +324,7 @@ def test_build_map_triangulates_a_rendered_scene_where_depth_says(tmp_path):
     relative = []
     for k, name in enumerate(scene_map.names):
         i = index[name]
-        lift = depth_lift(build_map.read_depth_m(dataset, i), scene_map.intrinsics[k], scene_map.poses[k])
+        lift = depth_lift(read_depth_m(dataset, i), scene_map.intrinsics[k], scene_map.poses[k])
         truth, valid = lift(scene_map.keypoints[k], tuple(scene_map.image_sizes[k]))
         distance = np.linalg.norm(truth - scene_map.poses[k][:3, 3], axis=1)
         relative.append((np.linalg.norm(truth - scene_map.points3d[k], axis=1) / distance)[valid])

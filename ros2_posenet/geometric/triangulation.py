@@ -253,21 +253,6 @@ def triangulate_map(
     )
 
 
-def triangulate_images(
-    images: Sequence[np.ndarray],
-    intrinsics: np.ndarray,
-    poses: np.ndarray,
-    config: TriangulationConfig | None = None,
-    feature_config=None,
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], Triangulation]:
-    """Detect features in RGB ``images`` then :func:`triangulate_map`; returns (features, result)."""
-    from .features import FeatureConfig, detect_features
-
-    feature_config = feature_config or FeatureConfig()
-    features = [detect_features(image, feature_config) for image in images]
-    return features, triangulate_map(features, intrinsics, poses, config, feature_config)
-
-
 # --------------------------------------------------------------------------- pairs and epipolar checks
 def _verified_matches(features, intrinsics, poses, pairs, matcher, config, stats) -> np.ndarray:
     """Matches of every pair that agree with the known poses, as edges (K, 4)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from rosbags.rosbag2 import StoragePlugin
 
+from bag_helpers import TS, base_args, header, raw_image_msg, write_bag
 from helpers import ROOM_K, room_map, room_pose, untrained_checkpoint
 from ros2_posenet.preprocess import PreprocessConfig
 from ros2_posenet.tools.relocalize_bag import main
-from test_bag_relocalize import TS, base_args, header, raw_image_msg, write_bag
 
 BROAD = {"position_var": [4.0, 4.0, 4.0], "rotation_var": [3.0, 3.0, 3.0], "samples": 10}
 TRUE_POSES = [room_pose(-2.6, 0.5, 1.3, 8.0), room_pose(-2.3, 0.4, 1.3, -10.0)]

@@ -8,7 +8,7 @@ from ros2_posenet.checkpoint import load_checkpoint, model_from_checkpoint, prep
 from ros2_posenet.data import build_dataset
 from helpers import tiny_scene as make_scene
 from ros2_posenet.data.synthetic import SyntheticSceneConfig
-from ros2_posenet.evaluate import model_forward, pose_errors, predict_poses, summarize_errors
+from ros2_posenet.metrics import model_forward, pose_errors, predict_poses, summarize_errors
 from ros2_posenet.inference import Relocalizer
 from ros2_posenet.train import holdout_split, load_config, main, run_training, sequence_ids
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from helpers import tiny_scene
-from ros2_posenet.features import FeatureConfig
-from ros2_posenet.scene_map import (
+from ros2_posenet.geometric.features import FeatureConfig
+from ros2_posenet.geometric.scene_map import (
     FORMAT, MapError, SceneMap, SceneMapBuilder, depth_lift, filter_by_agreement, observation_lift, select_keyframes,
 )
 from ros2_posenet.tools import build_map

@@ -457,7 +457,7 @@ def test_dubrovnik_config_is_valid():
     from ros2_posenet.losses import build_loss
     from ros2_posenet.train import load_config
 
-    cfg = load_config(str(Path(__file__).parents[1] / "config" / "train_dubrovnik.yaml"), [])
+    cfg = load_config(str(Path(__file__).parents[2] / "config" / "train_dubrovnik.yaml"), [])
     assert cfg["data"]["kind"] == "bundler" and cfg["optim"]["clip_grad_norm"] == 5.0
     learned, reprojection = cfg["stages"]
     assert build_loss(learned["loss"]).sx.item() == pytest.approx(3.0)  # outdoor metres, not a room's 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ros2_posenet.data.synthetic import SyntheticScene, SyntheticSceneConfig
-from ros2_posenet.features import FeatureConfig, detect_features, match_features
+from ros2_posenet.geometric.features import FeatureConfig, detect_features, match_features
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_overfitting_a_handful_of_images_drives_errors_near_zero(tiny_scene, tmp
 
     # Errors of the saved model (eval mode) on the training images.
     from ros2_posenet.data import build_dataset
-    from ros2_posenet.evaluate import model_forward, pose_errors, predict_poses, summarize_errors
+    from ros2_posenet.metrics import model_forward, pose_errors, predict_poses, summarize_errors
     from ros2_posenet.checkpoint import model_from_checkpoint, preprocess_from_checkpoint
 
     payload = load_checkpoint(result["checkpoint"])
