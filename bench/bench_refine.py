@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose, pose_difference  # noqa: E402
-from ros2_posenet.geometric.scene_map import SceneMap, depth_lift, filter_by_agreement, select_keyframes  # noqa: E402
+from ros2_posenet.geometric.scene_map import SceneMap, filter_by_agreement, select_keyframes  # noqa: E402
 from ros2_posenet.geometric.map_builder import (  # noqa: E402
-    build_scene_map, calibrate, held_out_indices, open_dataset, pose_matrix, read_depth_m,
+    build_scene_map, calibrate, held_out_indices, open_dataset, pose_matrix, shifted_depth_lift_factory,
 )
 
 SECTIONS = ("accuracy", "solvers", "misregistered", "timing")
@@ -50,17 +51,20 @@ def ensure_scene(root: Path, config: SyntheticSceneConfig) -> Path:
 
 
 def cached_map(path: Path, root: Path, features: FeatureConfig, points="depth", lift_factory=None, agreement=1,
-               calibrate_frames=40, base: Path | None = None) -> tuple[SceneMap, dict]:
+               calibrate_frames=40, base: Path | None = None, spacing: tuple[float, float] = (0.25, 15.0),
+               allowed: np.ndarray | None = None) -> tuple[SceneMap, dict]:
     """Build (or reload) a map of ``root``'s training images; returns it and its build figures.
 
     With ``base`` (a cached map file) and ``agreement`` > 1 the map is that one, filtered.
+    ``spacing``: keyframe spacing (metres, degrees); ``allowed``: the training images that may become keyframes (default: all).
     """
     if path.is_file():
         scene_map = SceneMap.load(path)
         return scene_map, scene_map.metadata["bench"]
     train = open_dataset("7scenes", root, "train")
     poses = np.stack([pose_matrix(train, i) for i in range(len(train))])
-    keyframes = select_keyframes(poses, 0.25, 15.0)
+    allowed = np.arange(len(train)) if allowed is None else np.asarray(allowed, np.int64)
+    keyframes = allowed[select_keyframes(poses[allowed], *spacing)]
     start = time.perf_counter()
     if base is not None and base.is_file():
         scene_map = SceneMap.load(base)
@@ -80,10 +84,12 @@ def cached_map(path: Path, root: Path, features: FeatureConfig, points="depth", 
     return scene_map, figures
 
 
-def test_frames(root: Path, count: int | None):
-    test = open_dataset("7scenes", root, "test")
-    indices = np.arange(len(test)) if not count else np.linspace(0, len(test) - 1, count).round().astype(int)
-    return [(test.load_image(int(i)), test.intrinsics(int(i)), pose_matrix(test, int(i))) for i in indices]
+def test_frames(root: Path, count: int | None, split: str = "test", indices=None):
+    """``(rgb, K, T)`` of ``count`` evenly spaced frames of ``split`` (0/None: all), or of ``indices``."""
+    data = open_dataset("7scenes", root, split)
+    if indices is None:
+        indices = np.arange(len(data)) if not count else np.linspace(0, len(data) - 1, count).round().astype(int)
+    return [(data.load_image(int(i)), data.intrinsics(int(i)), pose_matrix(data, int(i))) for i in indices]
 
 
 def errors(T, T_true) -> tuple[float, float]:
@@ -106,7 +112,7 @@ def run(refiner: Refiner, frames, prior_m: float | None, prior_deg: float, seed:
         covariance = result.covariance if result.refined else None
         nees = (float(pose_difference(result.T, T_true) @ np.linalg.pinv(covariance) @ pose_difference(result.T, T_true))
                 if covariance is not None else np.nan)
-        rows.append({"refined": result.refined, "source": result.source, "pos": out_err[0], "rot": out_err[1],
+        rows.append({"refined": result.refined, "source": result.source, "failure": result.failure, "pos": out_err[0], "rot": out_err[1],
                      "prior_pos": prior_err[0], "prior_rot": prior_err[1], "inliers": result.inliers,
                      "nees": nees, "cpu_ms": cpu_ms, **{f"{k}_ms": v for k, v in result.timing_ms.items()}})
     return summarize(rows)
@@ -125,7 +131,8 @@ def summarize(rows: list[dict]) -> dict:
         "median_pos": float(np.median(pos)), "median_rot": float(np.median(rot)),
         "refined_median_pos": float(np.median(pos[refined])) if refined.any() else np.nan,
         "refined_median_rot": float(np.median(rot[refined])) if refined.any() else np.nan,
-        "p90_pos": float(np.percentile(pos, 90)), "fine": fine(pos, rot),
+        "p90_pos": float(np.percentile(pos, 90)), "p90_rot": float(np.percentile(rot, 90)), "fine": fine(pos, rot),
+        "fallbacks": dict(Counter(r["failure"] for r in rows if not r["refined"]).most_common()),
         "prior_fine": fine(ppos, prot) if np.all(np.isfinite(ppos)) else np.nan,
         "worse": int(worse.sum()), "inliers": float(np.median(col("inliers"))),
         "nees": float(np.nanmean(col("nees"))) if refined.any() else np.nan,
@@ -172,20 +179,9 @@ def section_solvers(args, work: Path) -> None:
     })
 
 
-def shifted_depth_factory(dx: int, dy: int):
-    """Depth read ``(dx, dy)`` pixels off the colour image, as from an unregistered depth camera."""
-    def factory(dataset, index, rgb, K, T):
-        depth = read_depth_m(dataset, index)
-        shifted = np.zeros_like(depth)
-        h, w = depth.shape
-        shifted[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = depth[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-        return depth_lift(shifted, K, T)
-    return factory
-
-
 def section_misregistered(args, work: Path) -> None:
     dx, dy = args.depth_shift
-    lift = shifted_depth_factory(dx, dy)
+    lift = shifted_depth_lift_factory(dx, dy)
     tag = f"shift{dx}_{dy}"
     maps, figures = {}, {}
     maps["registered depth"], figures["registered depth"] = cached_map(work / "default_sift.npz", args.scene, FeatureConfig())

@@ -9,11 +9,12 @@ any process starts, so a failed launch leaves nothing running. ``ros2 launch ...
 lists the arguments.
 """
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
+from launch.event_handlers import OnProcessExit
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from ros2_posenet.ros.launch_plan import ARGUMENTS, NODE_NAME, plan_launch
+from ros2_posenet.ros.launch_plan import ARGUMENTS, NODE_NAME, configuration_exit_problem, plan_launch, require_node_files
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -27,22 +28,29 @@ def generate_launch_description() -> LaunchDescription:
     return LaunchDescription([*arguments, OpaqueFunction(function=start_nodes)])
 
 
+def stop_on_configuration_error(event, context):
+    """The node exited because its parameters or checkpoint are unusable: fail the launch (non-zero), never respawn it."""
+    problem = configuration_exit_problem(event.returncode, NODE_NAME)
+    if problem:
+        raise RuntimeError(problem)
+
+
 def start_nodes(context):
     """Plan first (raises before anything starts), then the actions."""
     plan = plan_launch({argument.name: LaunchConfiguration(argument.name).perform(context) for argument in ARGUMENTS})
-    actions = [
-        Node(
-            package="ros2_posenet",
-            executable=plan.executable,
-            name=NODE_NAME,
-            namespace=plan.namespace,
-            output="screen",
-            emulate_tty=True,
-            parameters=plan.parameters,
-            respawn=plan.respawn,
-            respawn_delay=plan.respawn_delay,
-        )
-    ]
+    require_node_files(plan)  # a missing checkpoint fails the launch here, not as a node exiting (and respawning) with code 2
+    posenet = Node(
+        package="ros2_posenet",
+        executable=plan.executable,
+        name=NODE_NAME,
+        namespace=plan.namespace,
+        output="screen",
+        emulate_tty=True,
+        parameters=plan.parameters,
+        respawn=plan.respawn,
+        respawn_delay=plan.respawn_delay,
+    )
+    actions = [posenet, RegisterEventHandler(OnProcessExit(target_action=posenet, on_exit=stop_on_configuration_error))]
     if plan.rviz_config is not None:
         actions.append(
             Node(

@@ -13,13 +13,19 @@ Methods (:data:`UNCERTAINTY_METHODS`), each giving an *unscaled* per-frame covar
 
 Calibration multiplies the position and rotation blocks by scales fitted on the held-out
 split so that the share of frames inside every chi-square bound matches its level
-(:func:`fit_scale`); :func:`calibration_metrics` reports NEES and coverage.
+(:func:`fit_scale`), raised where needed so that the 95 % bound holds 99 % of the held-out
+frames (:func:`guarded_block_scales`: deployment is harder than validation);
+:func:`calibration_metrics` reports NEES and coverage (position, rotation, joint 6-DoF).
+The geometric stage's per-frame covariance goes through a :class:`CovarianceModel` (scale +
+floor per block, cross terms weighted) fitted by :func:`fit_covariance_model`.
 
 Checkpoints store the ``fixed`` per-axis variances (scale included) under ``covariance`` and
 the default method, MC sample count and the other methods' scales under
 ``covariance["uncertainty"]`` (see :func:`calibrate_methods`); checkpoints without it are ``fixed``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -156,22 +162,34 @@ def fit_scale(unit_nees, dof: int, levels=FIT_LEVELS) -> float:
     return float(np.sqrt(grid[best[0]] * grid[best[-1]]))  # middle of the flat optimum
 
 
+# The blocks of a 6-DoF pose residual whose NEES is reported: (slice, degrees of freedom). ``joint`` is
+# what robot_localization's Mahalanobis gate sees with the whole pose configured (cross terms included).
+BLOCKS = {"position": (slice(0, 3), 3), "rotation": (slice(3, 6), 3), "joint": (slice(0, 6), 6)}
+
+
 def block_nees(residuals: torch.Tensor, cov: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-frame NEES of the position and rotation blocks (3 dof each): ``{"position", "rotation"}``."""
-    return {name: nees(residuals[:, sl], cov[:, sl, sl]).numpy() for name, sl in (("position", slice(0, 3)), ("rotation", slice(3, 6)))}
+    """Per-frame NEES of the position and rotation blocks (3 dof each) and of the whole pose (6 dof):
+    ``{"position", "rotation", "joint"}`` (:data:`BLOCKS`)."""
+    residuals, cov = torch.as_tensor(residuals, dtype=torch.float64), torch.as_tensor(cov, dtype=torch.float64)
+    return {name: nees(residuals[:, sl], cov[:, sl, sl]).numpy() for name, (sl, _) in BLOCKS.items()}
 
 
 def calibration_metrics(residuals: torch.Tensor, cov: torch.Tensor, levels=REPORT_LEVELS) -> dict:
-    """NEES medians and chi-square coverage of position and rotation (3 dof each).
+    """NEES medians, means and chi-square coverage of position, rotation (3 dof each) and the joint pose (6 dof).
 
-    Ideal: median NEES = chi2_ppf(0.5, 3) ≈ 2.37 and the share inside each bound = its level.
+    Ideal: median NEES = chi2_ppf(0.5, dof) (2.37 for 3 dof, 5.35 for 6), mean NEES = dof, and
+    the share inside each bound = its level. Keys: ``nees_{block}_median``, ``nees_{block}_mean``,
+    ``{block}_within_{68,95,99}``, ``nees_ideal_median`` (3 dof) and ``nees_ideal_median_joint``.
     """
     out: dict = {}
     for name, values in block_nees(residuals, cov).items():
+        dof = BLOCKS[name][1]
         out[f"nees_{name}_median"] = float(np.median(values)) if len(values) else float("nan")
-        for level, share in zip(levels, coverage(values, 3, levels)):
+        out[f"nees_{name}_mean"] = float(np.mean(values)) if len(values) else float("nan")
+        for level, share in zip(levels, coverage(values, dof, levels)):
             out[f"{name}_within_{round(level * 100)}"] = float(share)
     out["nees_ideal_median"] = float(chi2_ppf(0.5, 3))
+    out["nees_ideal_median_joint"] = float(chi2_ppf(0.5, 6))
     return out
 
 
@@ -179,6 +197,35 @@ def fit_block_scales(residuals: torch.Tensor, unit_cov: torch.Tensor) -> tuple[f
     """``(position_scale, rotation_scale)`` of an unscaled per-frame covariance on held-out residuals."""
     return tuple(
         fit_scale(nees(residuals[:, sl], unit_cov[:, sl, sl]).numpy(), 3) for sl in (slice(0, 3), slice(3, 6))
+    )
+
+
+# The regressor's published 95 % bound holds this share of the validation frames (see :func:`guarded_block_scales`).
+GUARD_HELD_SHARE = 0.99
+GUARD_BOUND = 0.95
+
+
+def tail_guard_scale(unit_nees, dof: int, held: float = GUARD_HELD_SHARE, bound: float = GUARD_BOUND) -> float:
+    """Scale that puts the ``held`` quantile of ``unit_nees`` on the ``bound`` chi-square bound."""
+    values = np.asarray(unit_nees, np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        raise ValueError("cannot fit a covariance scale without held-out frames")
+    return float(np.quantile(values, held) / chi2_ppf(bound, dof))
+
+
+def guarded_block_scales(residuals: torch.Tensor, unit_cov: torch.Tensor) -> tuple[float, float]:
+    """Block scales for the regressor: the reliability-curve fit (:func:`fit_block_scales`), raised where
+    needed so that the 95 % bound holds 99 % of the validation frames.
+
+    A new pass through the scene is harder than the validation pass, and the regressor's errors are
+    heavy-tailed: on the synthetic test trajectory a covariance calibrated on validation held 89 % of
+    positions and 72 % of rotations inside its 95 % bound (validation: 96 % and 91 %; test rotation
+    errors 1.4x validation's). Matching the validation tail, not its body, is the margin an EKF needs.
+    """
+    return tuple(
+        max(fit_scale(values, 3), tail_guard_scale(values, 3))
+        for values in (nees(residuals[:, sl], unit_cov[:, sl, sl]).numpy() for sl in (slice(0, 3), slice(3, 6)))
     )
 
 
@@ -197,7 +244,7 @@ def calibrate_methods(
     pred_t: torch.Tensor, pred_q: torch.Tensor, true_t: torch.Tensor, true_q: torch.Tensor,
     unit_covariances: dict[str, torch.Tensor], method: str, mc_samples: int,
 ) -> tuple[dict, dict]:
-    """Calibrate every available method on held-out predictions.
+    """Calibrate every available method on held-out predictions (block scales of :func:`guarded_block_scales`).
 
     Args:
         unit_covariances: method -> unscaled (N, 6, 6) per-frame covariance, for the methods
@@ -214,13 +261,135 @@ def calibrate_methods(
     residuals = pose_residuals(pred_t, pred_q, true_t, true_q)
     scales, metrics = {}, {}
     for name, unit in {"fixed": fixed_covariance(fixed, len(residuals)), **unit_covariances}.items():
-        sp, sr = fit_block_scales(residuals, unit)
+        sp, sr = guarded_block_scales(residuals, unit)
         scales[name] = [sp, sr]
         metrics[name] = calibration_metrics(residuals, with_floor(scale_covariance(unit, sp, sr)))
     sp, sr = scales.pop("fixed")
     fixed = {**fixed, "position_var": [v * sp for v in fixed["position_var"]],
              "rotation_var": [v * sr for v in fixed["rotation_var"]], "scale": [sp, sr]}
     return fixed, {"method": method, "mc_samples": int(mc_samples), "scales": scales, "val_metrics": metrics}
+
+
+# ----------------------------------------------------------------------------- scale + floor model (geometric stage)
+
+# Levels a scale + floor model is fitted at: the bounds an EKF's gate and a user read (68/95/99 %).
+# Not the whole reliability curve: errors of real maps are heavier-tailed than a Gaussian, and a fit
+# of the body leaves the 95 % bound holding about 90 % of the calibration frames.
+MODEL_FIT_LEVELS = REPORT_LEVELS
+
+
+@dataclass(frozen=True)
+class CovarianceModel:
+    """A per-frame covariance from the geometry, made to describe the errors of a real map.
+
+    ``σ² (JᵀJ)⁻¹`` of PnP shrinks with the number of inliers; the errors of the map itself (depth
+    misregistered against colour, pose noise of the mapping run, a focal error) do not, and they
+    do not follow PnP's strong position–rotation correlation. So, per block, a scale on the unit
+    covariance plus an isotropic floor, and the cross terms weighted by ``cross`` in [0, 1]::
+
+        P = sp · U_pp + fp² I,   R = sr · U_rr + fr² I,   C = cross · √(sp sr) · U_pr
+
+    i.e. ``cross · (D U D + F) + (1 − cross) · blockdiag(P, R)``: a mix of two positive
+    semi-definite matrices, so positive semi-definite. ``CovarianceModel()`` is the identity.
+    """
+
+    position_scale: float = 1.0
+    rotation_scale: float = 1.0
+    position_floor_m: float = 0.0  # standard deviation added in quadrature, per axis
+    rotation_floor_rad: float = 0.0
+    cross: float = 1.0
+
+    def __post_init__(self):
+        values = (self.position_scale, self.rotation_scale, self.position_floor_m, self.rotation_floor_rad, self.cross)
+        if not all(np.isfinite(v) and v >= 0 for v in values) or self.cross > 1:
+            raise ValueError(f"covariance model: scales and floors must be finite and >= 0, cross in [0, 1]; got {self}")
+
+    def apply(self, unit: np.ndarray) -> np.ndarray:
+        """The modelled covariance (..., 6, 6) of unit covariances (..., 6, 6) (x y z roll pitch yaw)."""
+        unit = np.asarray(unit, np.float64)
+        d = np.sqrt([self.position_scale] * 3 + [self.rotation_scale] * 3)
+        cov = unit * d[:, None] * d[None, :]
+        cov[..., :3, 3:] *= self.cross
+        cov[..., 3:, :3] *= self.cross
+        floor = np.array([self.position_floor_m**2] * 3 + [self.rotation_floor_rad**2] * 3)
+        return cov + np.diag(floor)
+
+    def to_dict(self) -> dict:
+        return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CovarianceModel":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"covariance model: unknown fields {sorted(unknown)}")
+        return cls(**{k: float(v) for k, v in data.items()})
+
+
+def _coverage_gap(nees_values: np.ndarray, dof: int, levels=MODEL_FIT_LEVELS) -> np.ndarray:
+    """Mean |observed − expected| coverage over ``levels`` along the last axis of ``nees_values`` (…, N)."""
+    levels = np.asarray(levels, np.float64)
+    bounds = chi2_ppf(levels, dof)
+    observed = (nees_values[..., None] <= bounds).mean(-2)  # (…, L)
+    return np.abs(observed - levels).mean(-1)
+
+
+def _fit_block_scale_floor(residuals: np.ndarray, unit: np.ndarray) -> tuple[float, float]:
+    """``(scale, floor variance)`` of one 3-dof block: ``scale · U + floor · I`` matching coverage.
+
+    In the eigenbasis of each ``U`` the NEES is ``Σ_k z_k² / (scale λ_k + floor)``, so the whole
+    (scale, floor) grid costs one eigendecomposition per frame.
+    """
+    lam, vec = np.linalg.eigh(unit)
+    lam = np.clip(lam, 0.0, None)
+    z2 = np.einsum("nij,ni->nj", vec, residuals) ** 2  # (N, 3)
+    unit_nees = (z2 / np.maximum(lam, 1e-300)).sum(-1)
+    base = fit_scale(unit_nees, 3) if np.isfinite(unit_nees).any() else 1.0
+    scales = np.concatenate(([0.0], base * np.geomspace(1e-4, 1e2, 61)))
+    typical = float(np.median((residuals**2).mean(-1)))
+    floors = np.concatenate(([0.0], max(typical, 1e-30) * np.geomspace(1e-3, 1e2, 51)))
+    denominator = scales[:, None, None, None] * lam[None, None] + floors[None, :, None, None]  # (S, F, N, 3)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.where(denominator > 0, z2 / np.where(denominator > 0, denominator, 1.0), np.where(z2 > 0, np.inf, 0.0)).sum(-1)
+    gap = _coverage_gap(values, 3)
+    gap[0, 0] = np.inf  # no covariance at all
+    # Among fits as good as the best (within a quarter frame's share), those that cover the most
+    # frames inside the 95 % bound (an EKF is hurt by the tail, not by a slightly wide body); of
+    # those, the one whose median NEES is nearest the ideal (few frames tie on coverage alone).
+    near = gap <= gap.min() + 0.25 / len(residuals)
+    inside_95 = np.where(near, (values <= chi2_ppf(0.95, 3)).mean(-1), -1.0)
+    best = inside_95 >= inside_95.max() - 1e-12
+    median_gap = np.where(best, np.abs(np.log(np.median(values, -1) / chi2_ppf(0.5, 3))), np.inf)
+    i, j = np.unravel_index(np.argmin(median_gap), gap.shape)
+    return float(scales[i]), float(floors[j])
+
+
+def fit_covariance_model(residuals, unit) -> CovarianceModel:
+    """:class:`CovarianceModel` fitted on held-out frames: residuals (N, 6), unit covariances (N, 6, 6).
+
+    Scale and floor of each block make its share of frames inside the chi-square bounds match
+    (:data:`MODEL_FIT_LEVELS`, 3 dof): coverage, not the mean NEES, so one gross error does not
+    set the scale. Coverage hardly sees the cross terms (dropping them keeps the mean joint NEES
+    at 6), so ``cross`` minimises the Gaussian negative log-likelihood instead, each frame's NEES
+    capped at its 99.9 % bound so that gross errors do not decide it.
+    """
+    residuals = np.asarray(residuals, np.float64).reshape(-1, 6)
+    unit = np.asarray(unit, np.float64).reshape(-1, 6, 6)
+    keep = np.isfinite(residuals).all(-1) & np.isfinite(unit).all((-1, -2))
+    residuals, unit = residuals[keep], unit[keep]
+    if len(residuals) == 0:
+        raise ValueError("cannot fit a covariance model without held-out frames")
+    sp, fp = _fit_block_scale_floor(residuals[:, :3], unit[:, :3, :3])
+    sr, fr = _fit_block_scale_floor(residuals[:, 3:], unit[:, 3:, 3:])
+    model = CovarianceModel(sp, sr, float(np.sqrt(fp)), float(np.sqrt(fr)), 1.0)
+    crosses = np.linspace(0.0, 1.0, 21)
+    cap = float(chi2_ppf(0.999, 6))
+
+    def capped_nll(cross: float) -> float:
+        cov = replace(model, cross=cross).apply(unit) + 1e-30 * np.eye(6)
+        joint = nees(torch.from_numpy(residuals), torch.from_numpy(cov)).numpy()
+        return float(np.mean(np.linalg.slogdet(cov)[1] + np.minimum(joint, cap)))
+
+    return replace(model, cross=float(crosses[np.argmin([capped_nll(float(c)) for c in crosses])]))
 
 
 def standard_deviations(cov: np.ndarray) -> dict[str, float]:

@@ -82,8 +82,10 @@ def evaluate_checkpoint(
     ``data_options``: loader-specific options, as ``data.options`` in training (e.g. Bundler's ``split_file``).
 
     ``calibration`` holds how well the published per-frame covariance (``uncertainty``; None:
-    the checkpoint's method) fits the model's errors: NEES medians and chi-square coverage
-    (:func:`ros2_posenet.covariance.calibration_metrics`); with plots, ``reliability.png``.
+    the checkpoint's method) fits the model's errors: NEES medians and chi-square coverage of
+    position, rotation and the joint 6-DoF pose (what robot_localization's Mahalanobis gate sees;
+    :func:`ros2_posenet.covariance.calibration_metrics`); with plots, ``reliability.png`` (and
+    ``reliability_refined.png`` with a map, for ``calibration_refined``).
 
     With ``map_file`` (a :class:`~ros2_posenet.geometric.scene_map.SceneMap` from ``build-map``)
     two more rows: the regressor's poses refined against the map, and retrieval +
@@ -141,21 +143,24 @@ def evaluate_checkpoint(
         "calibration": {"uncertainty": reloc.uncertainty, **calibration_metrics(residuals, covariance)},
         "files": {},
     }
+    published = {"": (residuals, covariance, f"{reloc.uncertainty} covariance")}
     if scene_map is not None:  # refined frames carry the geometric covariance, fallbacks the regressor's
         t, q = per_method[METHOD_REFINED]
+        refined_residuals = pose_residuals(t, q, pred["true_t"], pred["true_q"])
         result["calibration_refined"] = {
             "uncertainty": f"{METHOD_REFINED}: geometric / {reloc.uncertainty}",
-            **calibration_metrics(pose_residuals(t, q, pred["true_t"], pred["true_q"]), refined_covariance),
+            **calibration_metrics(refined_residuals, refined_covariance),
         }
+        published["_refined"] = (refined_residuals, refined_covariance, f"{METHOD_REFINED} (geometric / {reloc.uncertainty})")
     if out_dir is not None:
         result["files"] = write_scene_outputs(Path(out_dir), result, dataset, pred, per_method, errors, plots)
         if plots:
             from .plots import plot_reliability
 
-            result["files"]["reliability"] = str(plot_reliability(
-                block_nees(residuals, covariance), Path(out_dir) / f"{scene}_reliability.png",
-                f"{scene} ({split}): {reloc.uncertainty} covariance",
-            ))
+            for suffix, (res, cov, what) in published.items():
+                result["files"][f"reliability{suffix}"] = str(plot_reliability(
+                    block_nees(res, cov), Path(out_dir) / f"{scene}_reliability{suffix}.png", f"{scene} ({split}): {what}",
+                ))
     return result
 
 
@@ -283,15 +288,17 @@ OPTIONAL_COLUMNS = (("ms_per_frame", "ms/frame", "{:.1f}"), ("refined_share", "r
 
 
 def format_calibration(results: list[dict]) -> str:
-    """One line per scene: NEES medians and chi-square coverage of the published covariance."""
+    """One line per scene: NEES medians and chi-square coverage of the published covariance
+    (position, rotation: 3 dof; 6-DoF: the whole pose with its cross terms, as an EKF gates it)."""
     lines = []
     for r, c in ((r, c) for r in results for c in (r["calibration"], r.get("calibration_refined")) if c):
         within = lambda k: "/".join(f"{c[f'{k}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)  # noqa: E731
         lines.append(
             f"{r['scene']} covariance ({c['uncertainty']}): NEES median position {c['nees_position_median']:.2f}, "
-            f"rotation {c['nees_rotation_median']:.2f} (ideal {c['nees_ideal_median']:.2f}); inside the "
-            f"{'/'.join(str(round(p * 100)) for p in REPORT_LEVELS)} % bounds: position {within('position')}, "
-            f"rotation {within('rotation')}"
+            f"rotation {c['nees_rotation_median']:.2f} (ideal {c['nees_ideal_median']:.2f}), 6-DoF "
+            f"{c['nees_joint_median']:.2f} (ideal {c['nees_ideal_median_joint']:.2f}, mean {c['nees_joint_mean']:.1f}); "
+            f"inside the {'/'.join(str(round(p * 100)) for p in REPORT_LEVELS)} % bounds: position {within('position')}, "
+            f"rotation {within('rotation')}, 6-DoF {within('joint')}"
         )
     return "\n".join(lines)
 
@@ -344,7 +351,7 @@ def parse_options(items: list[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="evaluate",
+        prog="posenet-evaluate",
         description="Pose errors of PoseNet checkpoints per scene, beside mean-pose and image-retrieval baselines.",
     )
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt (repeat, paired with --root, for several scenes)")

@@ -232,6 +232,26 @@ def backproject_pixels(pixels: np.ndarray, depth: np.ndarray, K: np.ndarray, T_w
     return cam @ T_world_camera[:3, :3].T + T_world_camera[:3, 3]
 
 
+def resized_pixel_coords(pixels, scale) -> np.ndarray:
+    """Where pixel coordinates land when their image is resized by ``scale`` (a number or per-axis (sx, sy)).
+
+    The project's one convention for scaled images, OpenCV's (``cv2.resize``): pixel
+    centres sit at integers and pixel u covers [u − 0.5, u + 0.5], so the image edge
+    −0.5 stays at −0.5 and ``u ↦ (u + 0.5)·s − 0.5``. (``u·s`` would put the content
+    (s − 1)/2 px off: a quarter pixel at half size.)
+    """
+    return (np.asarray(pixels, dtype=np.float64) + 0.5) * np.asarray(scale, dtype=np.float64) - 0.5
+
+
+def resized_intrinsics(K: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
+    """Intrinsics (3, 3) of an image resized by (``scale_x``, ``scale_y``), see :func:`resized_pixel_coords`."""
+    K2 = np.array(K, dtype=np.float64, copy=True)
+    K2[0, :2] *= scale_x  # fx and skew
+    K2[1, 1] *= scale_y
+    K2[:2, 2] = resized_pixel_coords(K2[:2, 2], (scale_x, scale_y))
+    return K2
+
+
 def invert_matrix(T: np.ndarray) -> np.ndarray:
     """Inverse of a rigid 4x4 transform."""
     T = np.asarray(T, dtype=float)

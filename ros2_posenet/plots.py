@@ -1,6 +1,7 @@
 """PNG plots for evaluation: error CDFs and a top-down trajectory (matplotlib, Agg backend)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -76,31 +77,35 @@ def plot_trajectory(
     return _save(fig, path)
 
 
-def plot_reliability(nees_by_block: dict[str, np.ndarray], path: str | Path, title: str = "", dof: int = 3) -> Path:
+def plot_reliability(nees_by_block: dict[str, np.ndarray], path: str | Path, title: str = "", dof: int | None = None) -> Path:
     """Reliability diagram of a covariance: expected vs observed share of frames inside each
     chi-square bound (the diagonal is perfect calibration; below it: over-confident).
 
     Args:
-        nees_by_block: name (e.g. position, rotation) -> per-frame NEES (N,) with ``dof`` degrees of freedom.
+        nees_by_block: name (position, rotation, joint) -> per-frame NEES (N,). Each curve uses its
+            block's degrees of freedom (:data:`ros2_posenet.covariance.BLOCKS`: 3, 3 and 6), or ``dof``
+            when given; the 95 % bound is marked.
     """
-    from .covariance import chi2_ppf
+    from .covariance import BLOCKS, chi2_ppf
 
     levels = np.linspace(0.01, 0.99, 99)
-    bounds = chi2_ppf(levels, dof)
     fig, ax = plt.subplots(figsize=(5.2, 5))
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect")
+    ax.axvline(0.95, color="0.8", linewidth=0.8)
     for name, values in nees_by_block.items():
         values = np.asarray(values, dtype=float)
-        observed = [(values <= b).mean() for b in bounds]
-        ax.plot(levels, observed, label=f"{name} (NEES median {np.median(values):.2f})")
-    ideal = float(chi2_ppf(0.5, dof))
+        k = dof or BLOCKS.get(name, (None, 3))[1]
+        observed = (values[:, None] <= chi2_ppf(levels, k)[None, :]).mean(0) if len(values) else np.full_like(levels, np.nan)
+        inside = float((values <= chi2_ppf(0.95, k)).mean()) if len(values) else float("nan")
+        ax.plot(levels, observed, label=f"{name} ({k} dof): NEES median {np.median(values) if len(values) else np.nan:.2f} "
+                                        f"(ideal {float(chi2_ppf(0.5, k)):.2f}), {inside:.0%} in 95 %")
     ax.set_xlabel("expected share inside the chi-square bound")
     ax.set_ylabel("observed share of frames")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", title=f"ideal NEES median {ideal:.2f}")
-    ax.set_title(title or "covariance reliability")
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title("\n".join(textwrap.wrap(title or "covariance reliability", 60)), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

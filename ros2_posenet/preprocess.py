@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import torch
 
+from .geometry import resized_intrinsics
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -58,13 +60,11 @@ def crop_origin(height: int, width: int, crop: int, rng: np.random.Generator | N
 def adjust_intrinsics(K: np.ndarray, scale_x: float, scale_y: float, x0: float, y0: float) -> np.ndarray:
     """Intrinsics after scaling the image by (scale_x, scale_y) then cropping at (x0, y0).
 
-    Pixel centres follow OpenCV's convention: a pixel u maps to (u + 0.5)·s − 0.5.
+    Pixel centres follow OpenCV's convention (:func:`~ros2_posenet.geometry.resized_pixel_coords`).
     """
-    K2 = np.array(K, dtype=np.float64, copy=True)
-    K2[0, 0] *= scale_x
-    K2[1, 1] *= scale_y
-    K2[0, 2] = (K2[0, 2] + 0.5) * scale_x - 0.5 - x0
-    K2[1, 2] = (K2[1, 2] + 0.5) * scale_y - 0.5 - y0
+    K2 = resized_intrinsics(K, scale_x, scale_y)
+    K2[0, 2] -= x0
+    K2[1, 2] -= y0
     return K2
 
 

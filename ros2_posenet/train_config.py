@@ -28,8 +28,12 @@ class ConfigError(ValueError):
 # freeze_batchnorm / dropout: how the network runs while this stage trains (see PoseNet).
 # null = by loss: a reprojection stage freezes BatchNorm statistics and switches dropout
 # off, so the pixel loss sees the network as it is deployed; other stages train normally.
+# stop_after: train only this many epochs of the stage's schedule (the learning rate still follows
+# the schedule of `epochs`); 0 keeps the starting weights. The refit pass sets it to the epoch
+# validation chose, so the refit model retraces the selected one on more frames.
 STAGE_DEFAULTS = {
     "name": None, "loss": None, "epochs": None, "lr": None, "init": "previous", "freeze_batchnorm": None, "dropout": None,
+    "stop_after": None,
 }
 
 
@@ -58,7 +62,8 @@ DEFAULTS: dict = {
         "val_gap": 0,
         # Loader-specific options, passed to the dataset (ros2_posenet.data.build_dataset), e.g.
         # Bundler: {split_file: list.query.txt, bundle: bundle/bundle.orig.out, image_list: ...};
-        # Cambridge: {reconstruction: ..., reconstruction_width: 1920}.
+        # Cambridge: {reconstruction: ..., reconstruction_width: 1920};
+        # 7-Scenes: {camera: rgb (default) | depth | pgt, pose_file: pgt/sfm/7scenes/chess_{split}.txt}.
         "options": {},
     },
     "model": {"backbone": "googlenet", "hidden_dim": 2048, "dropout": 0.5, "pretrained": True, "variance_head": False},
@@ -104,6 +109,14 @@ DEFAULTS: dict = {
         "progress": True,
         "test_at_end": True,  # report the final checkpoint's errors on the test split
         "deterministic": False,
+        # refit: after the stages ran with validation (which picks each stage's best epoch, whether a
+        # fine-tuning stage is kept at all, and calibrates the covariance), train them again on every
+        # training frame (validation and split-gap frames included) for the chosen epochs, into
+        # <out_dir>/refit; the refit checkpoints keep the held-out covariance calibration.
+        # Needs data.val: holdout. calibrate_from is set by the refit pass itself: the run folder
+        # whose best.pt checkpoints hold the held-out validation metrics and covariance.
+        "refit": False,
+        "calibrate_from": None,
     },
 }
 
@@ -298,8 +311,12 @@ def validate_config(config: dict) -> dict:
     _require(_is_int(train["val_every"]) and train["val_every"] >= 1, f"train.val_every must be an integer >= 1, got {train['val_every']!r}")
     _require(_is_int(train["keep_every"]) and train["keep_every"] >= 0, f"train.keep_every must be an integer >= 0, got {train['keep_every']!r}")
     _require(isinstance(train["out_dir"], str) and train["out_dir"], "train.out_dir must be a folder path")
-    for flag in ("progress", "test_at_end", "deterministic"):
+    for flag in ("progress", "test_at_end", "deterministic", "refit"):
         _require(isinstance(train[flag], bool), f"train.{flag} must be true or false, got {train[flag]!r}")
+    _require(train["calibrate_from"] is None or (isinstance(train["calibrate_from"], str) and train["calibrate_from"]),
+             f"train.calibrate_from must be a run folder or null, got {train['calibrate_from']!r}")
+    _require(not train["refit"] or cfg["data"]["val"] == "holdout",
+             f"train.refit needs data.val: holdout (it refits on the frames validation held out), got {cfg['data']['val']!r}")
     _require(isinstance(cfg["map_frame"], str) and cfg["map_frame"], "map_frame must be a non-empty frame id")
 
     if cfg["loss"] is not None:
@@ -342,6 +359,8 @@ def _validate_stages(stages) -> list[dict]:
         _require(s["epochs"] is None or (_is_int(s["epochs"]) and s["epochs"] >= 1), f"stages.{s['name']}.epochs must be an integer >= 1 or null")
         _require(s["lr"] is None or (_is_number(s["lr"]) and s["lr"] > 0), f"stages.{s['name']}.lr must be a positive number or null")
         _require(isinstance(s["init"], str) and s["init"], f"stages.{s['name']}.init must be previous, scratch or a checkpoint path")
+        _require(s["stop_after"] is None or (_is_int(s["stop_after"]) and s["stop_after"] >= 0),
+                 f"stages.{s['name']}.stop_after must be an integer >= 0 or null, got {s['stop_after']!r}")
         fine_tuning = s["loss"].get("type") == "reprojection"
         s["freeze_batchnorm"] = fine_tuning if s["freeze_batchnorm"] is None else s["freeze_batchnorm"]
         s["dropout"] = (not fine_tuning) if s["dropout"] is None else s["dropout"]

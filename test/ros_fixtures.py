@@ -342,8 +342,95 @@ class RunningNode:
     def __init__(self, context, namespace: str, node_class=None, compressed: bool = False, **parameters):
         self.namespace = namespace
         self.node = make_posenet_node(context, namespace, node_class=node_class, compressed=compressed, **parameters)
-        self.probe = Probe(context, namespace, compressed=compressed, extra_nodes=[self.node])
+        topic = parameters.get("image_topic", "camera/image_raw")
+        self.probe = Probe(context, namespace, image_topic=topic, compressed=compressed, extra_nodes=[self.node])
 
     def close(self) -> None:
         self.probe.close()
         self.node.destroy_node()
+
+
+# ----------------------------------------------------------------------------- the room with a map (refinement)
+
+# A broad prior (2 m, ~100°): the untrained regressor knows little, the map must do the work.
+BROAD_COVARIANCE = {"position_var": [4.0, 4.0, 4.0], "rotation_var": [3.0, 3.0, 3.0], "samples": 10}
+
+
+@dataclass
+class RoomFiles:
+    scene: object  # helpers.room_map's SyntheticScene: scene.render(T, K, w, h)
+    map_file: str  # its scene map (.npz)
+    checkpoint: str  # an untrained regressor guessing near the room's centre, with BROAD_COVARIANCE
+
+
+_ROOM_CACHE: dict[str, RoomFiles] = {}
+
+
+def room_files(tmp_path_factory) -> RoomFiles:
+    """The synthetic room's map and a regressor for it (memoised per pytest session: the map takes seconds)."""
+    from helpers import room_map, untrained_checkpoint
+
+    if "room" not in _ROOM_CACHE:
+        folder = tmp_path_factory.mktemp("room")
+        scene, scene_map = room_map()
+        checkpoint = untrained_checkpoint(folder / "ckpt.pt", [-2.5, 0.5, 1.3], PreprocessConfig(resize=72, crop=64), covariance=BROAD_COVARIANCE)
+        _ROOM_CACHE["room"] = RoomFiles(scene, str(scene_map.save(folder / "room.npz")), str(checkpoint))
+    return _ROOM_CACHE["room"]
+
+
+def room_camera_info(stamp, K=None, d=(0.0,) * 5, model: str = "plumb_bob", width: int = 320, height: int = 240):
+    """sensor_msgs/CameraInfo of the room's 320×240 camera (helpers.ROOM_K unless ``K``)."""
+    from helpers import ROOM_K
+    from sensor_msgs.msg import CameraInfo
+
+    K = ROOM_K if K is None else np.asarray(K, dtype=float)
+    msg = CameraInfo(width=width, height=height, distortion_model=model, k=[float(v) for v in K.ravel()], d=[float(v) for v in d])
+    msg.header.stamp = stamp
+    return msg
+
+
+def stamp_now(node, offset_s: float = 0.0):
+    """The node's clock now (plus ``offset_s``) as a builtin_interfaces/Time."""
+    from builtin_interfaces.msg import Time
+
+    ns = node.get_clock().now().nanoseconds + round(offset_s * 1e9)
+    return Time(sec=ns // 10**9, nanosec=ns % 10**9)
+
+
+def latest_diagnostic(probe, key: str):
+    """The newest value of ``key`` the probe saw on /diagnostics (None before it was published)."""
+    for array in reversed(list(probe.diagnostics)):
+        for status in array.status:
+            for value in status.values:
+                if value.key == key:
+                    return value.value
+    return None
+
+
+def call_service(node, srv_type, name: str, request, timeout: float = 20.0):
+    """Call service ``name`` from ``node`` (spun elsewhere, e.g. a Probe's executor) and return the response."""
+    client = node.create_client(srv_type, name)
+    try:
+        assert client.wait_for_service(timeout_sec=10.0), f"service {name} not offered"
+        future = client.call_async(request)
+        assert wait_for(future.done, timeout), f"service {name} did not answer"
+        return future.result()
+    finally:
+        node.destroy_client(client)
+
+
+def wait_for_log(capfd, pattern: str, timeout: float = 10.0) -> str:
+    """Poll pytest's ``capfd`` until stderr so far matches the regex ``pattern``; returns that stderr.
+
+    Fails with the log when it never matches (for periodic lines such as the summary log).
+    """
+    import re
+
+    seen = []
+
+    def matched() -> bool:
+        seen.append(capfd.readouterr().err)
+        return re.search(pattern, "".join(seen), re.S) is not None
+
+    assert wait_for(matched, timeout, interval=0.05), f"no log line matching {pattern!r} within {timeout} s:\n" + "".join(seen)[-3000:]
+    return "".join(seen)

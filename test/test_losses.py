@@ -9,6 +9,7 @@ from ros2_posenet.losses import (
     BetaLoss,
     LearnedWeightingLoss,
     ReprojectionLoss,
+    reprojection_residuals,
     build_loss,
     parameter_groups,
 )
@@ -139,3 +140,27 @@ def test_loss_parameters_get_no_weight_decay():
     assert groups[1]["weight_decay"] == 0.0
     assert {id(p) for p in groups[1]["params"]} == {id(criterion.sx), id(criterion.sq)}
     assert len(parameter_groups(model, BetaLoss(), 1e-4)) == 1
+
+
+def test_reprojection_loss_uses_the_predicted_rotation():
+    """A camera-to-world rotation error alone moves every point by f·tan(θ) pixels.
+
+    Predicted position = true position; the predicted camera is turned by θ = 0.1 rad about
+    its y axis, so a world point straight ahead at any depth appears at u = cx − f·tan θ.
+    Mutation this catches (tried by hand): ``project_points(points, pred_t, batch["rotation"], K)``
+    in ``reprojection_residuals`` (projecting with the true rotation instead of ``pred_q``)
+    gives a loss of 0 and no gradient for the rotation, so fine-tuning would stop training it.
+    """
+    theta = 0.1
+    pred_q = torch.tensor([[math.cos(theta / 2), 0.0, math.sin(theta / 2), 0.0]], requires_grad=True)
+    points = torch.tensor([[[0.0, 0.0, 2.0], [0.0, 0.0, 5.0]]])
+    b = reprojection_batch(points, torch.ones(1, 2, dtype=torch.bool))
+    residual, valid = reprojection_residuals(torch.zeros(1, 3), pred_q, b)
+    expected_u = -100.0 * math.tan(theta)  # f = 100 px
+    assert valid.all()
+    assert residual[0, :, 0].tolist() == pytest.approx([expected_u, expected_u], rel=1e-5)
+    assert residual[0, :, 1].abs().max().item() < 1e-4
+    loss, _ = ReprojectionLoss(gamma=1)(torch.zeros(1, 3), pred_q, b)
+    assert loss.item() == pytest.approx(abs(expected_u), rel=1e-5)
+    loss.backward()
+    assert pred_q.grad[0, 2].item() > 0  # descent turns the camera back towards the truth (θ -> 0)

@@ -69,7 +69,8 @@ def build_dataset(
         max_points: 3D points per item for the reprojection loss (0: none).
         seed: base seed of the per-item random draws.
         **options: loader-specific options (Cambridge: ``reconstruction``,
-            ``reconstruction_width``, ``focal``; Bundler: ``bundle``, ``image_list``,
+            ``reconstruction_width``, ``focal``; 7-Scenes: ``camera`` (``rgb`` default, ``depth``,
+            ``pgt``) and ``pose_file`` (with ``pgt``); Bundler: ``bundle``, ``image_list``,
             ``split_file``, ``image_root``, ``test_fraction``, ``test_block``; posed: ``held_out``).
 
     Raises:

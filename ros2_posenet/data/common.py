@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..preprocess import PreprocessConfig, Preprocessor, adjust_intrinsics
+from ..geometry import resized_intrinsics
+from ..preprocess import PreprocessConfig, Preprocessor
 from .augment import Augmentation, as_augmentation, color_jitter, random_rotation, rotate_view
 
 # |q| may deviate this much from 1 (rounding in text files) before a quaternion is rejected.
@@ -120,9 +121,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
     """Intrinsics (3, 3) of an image resized from ``from_size`` to ``to_size`` (width, height)."""
-    if tuple(from_size) == tuple(to_size):
-        return np.array(K, dtype=np.float64, copy=True)
-    return adjust_intrinsics(K, to_size[0] / from_size[0], to_size[1] / from_size[1], 0.0, 0.0)
+    return resized_intrinsics(K, to_size[0] / from_size[0], to_size[1] / from_size[1])
 
 
 def subsample_points(points: np.ndarray, max_points: int, rng: np.random.Generator) -> np.ndarray:

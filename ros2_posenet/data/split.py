@@ -22,6 +22,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 VAL_SPLITS = ("auto", "sequences", "blocks")
+# A split that drops more than this fraction of the training frames (neither set) is worth a warning:
+# every dropped frame is a view the network never learns.
+DROPPED_WARNING_FRACTION = 0.15
 # `auto` holds out whole sequences only when this many exist (one or more stay for training).
 MIN_SEQUENCES_FOR_SEQUENCE_SPLIT = 3
 
@@ -34,6 +37,27 @@ class Split:
     val: list[int]
     excluded: list[int] = field(default_factory=list)
     description: str = ""
+
+    @property
+    def total(self) -> int:
+        return len(self.train) + len(self.val) + len(self.excluded)
+
+    @property
+    def dropped_fraction(self) -> float:
+        return len(self.excluded) / max(self.total, 1)
+
+    def counts(self) -> str:
+        """``"training 238, validation 45, dropped 0 of 283 frames"``: what each set got, plainly."""
+        return (f"training {len(self.train)}, validation {len(self.val)}, dropped {len(self.excluded)} "
+                f"of {self.total} frames")
+
+    def dropped_warning(self) -> str | None:
+        """A warning when the split drops more than :data:`DROPPED_WARNING_FRACTION` of the frames, else None."""
+        if self.dropped_fraction <= DROPPED_WARNING_FRACTION:
+            return None
+        return (f"the validation split drops {len(self.excluded)} of {self.total} training frames "
+                f"({100 * self.dropped_fraction:.0f} %, neither trained on nor validated); lower data.val_gap, "
+                "or set train.refit=true to train the final model on every frame")
 
 
 def _frames_by_sequence(ids: list[str]) -> dict[str, list[int]]:

@@ -22,10 +22,10 @@ angles) over the same area, so test poses are held out.
 Output (``generate_scene``), one folder readable by both loaders::
 
     seq-01/frame-000000.color.png      RGB
-    seq-01/frame-000000.depth.png      uint16 mm (7-Scenes)
-    seq-01/frame-000000.pose.txt       4x4 camera-to-world (7-Scenes)
+    seq-01/frame-000000.depth.png      uint16 mm (7-Scenes; rig kinect: seen by the depth sensor)
+    seq-01/frame-000000.pose.txt       4x4 camera-to-world (7-Scenes; rig kinect: of the depth sensor)
     TrainSplit.txt, TestSplit.txt      "sequence1" ... (7-Scenes)
-    intrinsics.txt                     "fx fy cx cy width height" (read by the 7-Scenes loader)
+    intrinsics.txt                     "fx fy cx cy width height" (read by the 7-Scenes loader; not with rig kinect)
     dataset_train.txt, dataset_test.txt  Cambridge pose lists referencing the same PNGs
     reconstruction.nvm                 NVM_V3: all cameras, sparse points, per-image observations
     reconstruction_size.txt            "width height" the NVM focal refers to (Cambridge loader)
@@ -53,15 +53,19 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from ..geometry import body_pose_to_optical, matrix_to_pose, rpy_to_matrix
+from ..geometry import body_pose_to_optical, matrix_to_pose, resized_intrinsics, rpy_to_matrix
 from .bundler import (
     SPLIT_FILE as BUNDLER_SPLIT_FILE, distort_normalised, pixels_to_centre_offsets, project_to_bundler_pose,
     undistort_normalised, write_bundle, write_image_list,
 )
 from .cambridge import DATASET_HEADER, SIZE_FILE, project_to_cambridge_pose
-from .seven_scenes import DEPTH_INVALID, INTRINSICS_FILE, SPLIT_FILES, sequence_folder
+from .seven_scenes import (
+    DEPTH_INVALID, INTRINSICS_FILE, KINECT_COLOUR_INTRINSICS, KINECT_REGISTRATION, SPLIT_FILES, intrinsics_matrix,
+    sequence_folder,
+)
 
 FORMATS = ("7scenes", "cambridge", "bundler")
+RIGS = ("registered", "kinect")
 DEFAULT_FORMATS = ("7scenes", "cambridge")
 BUNDLER_DIR = "bundler"  # the distorted copies of the frames
 BUNDLER_DISTORTION = (-0.06, 0.01)  # Bundler k1, k2: a little barrel distortion, as lenses have
@@ -80,6 +84,13 @@ class SyntheticSceneConfig:
     ``frames_train`` is split evenly over ``train_sequences`` (likewise for test).
     ``fov_deg`` is the horizontal field of view; the principal point is the image
     centre ``((W-1)/2, (H-1)/2)``.
+
+    ``rig``: ``registered`` renders depth from the colour camera (``intrinsics.txt`` says
+    so); ``kinect`` renders a Kinect v1 as 7-Scenes recorded it: colour camera with the
+    Kinect colour intrinsics (``fov_deg`` unused, 4:3 images), depth from the depth sensor
+    ~2.6 cm beside it (the LIRIS calibration of the 7-Scenes loader) with its own
+    intrinsics, pose files of the depth sensor, no ``intrinsics.txt``; 7-Scenes format only.
+    ``depth_range_m`` > 0: farther depth is written as invalid (65535), as a sensor does.
     """
 
     seed: int = 0
@@ -94,6 +105,8 @@ class SyntheticSceneConfig:
     room_size: tuple = (12.0, 9.0, 3.0)
     texel_size: float = 0.02
     formats: tuple = DEFAULT_FORMATS
+    rig: str = "registered"
+    depth_range_m: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "room_size", tuple(float(v) for v in self.room_size))
@@ -118,18 +131,43 @@ class SyntheticSceneConfig:
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats:
             problems.append(f"formats must be a non-empty subset of {FORMATS}, got {self.formats}")
+        if self.rig not in RIGS:
+            problems.append(f"rig must be one of {RIGS}, got {self.rig!r}")
+        if self.rig == "kinect" and (self.formats != ("7scenes",) or 3 * self.width != 4 * self.height):
+            problems.append(f"rig 'kinect' writes 4:3 images in the 7-Scenes format only, got {self.width}x{self.height} "
+                            f"and formats {self.formats}")
+        if self.depth_range_m < 0:
+            problems.append(f"depth_range_m must be >= 0 (0: unlimited), got {self.depth_range_m}")
         if problems:
             raise ValueError("; ".join(problems))
 
     @property
     def focal(self) -> float:
-        return (self.width / 2.0) / math.tan(math.radians(self.fov_deg) / 2.0)
+        return float(self.K[0, 0])
 
     @property
     def K(self) -> np.ndarray:
-        """(3, 3) intrinsics of the rendered images."""
-        f = self.focal
+        """(3, 3) intrinsics of the rendered colour images."""
+        if self.rig == "kinect":
+            return self._kinect_intrinsics(*intrinsics_matrix(KINECT_COLOUR_INTRINSICS))
+        f = (self.width / 2.0) / math.tan(math.radians(self.fov_deg) / 2.0)
         return np.array([[f, 0.0, (self.width - 1) / 2.0], [0.0, f, (self.height - 1) / 2.0], [0.0, 0.0, 1.0]])
+
+    @property
+    def K_depth(self) -> np.ndarray:
+        """(3, 3) intrinsics of the rendered depth images (the colour camera's unless ``rig`` is ``kinect``)."""
+        if self.rig == "kinect":
+            return self._kinect_intrinsics(KINECT_REGISTRATION.K_depth, KINECT_REGISTRATION.depth_size)
+        return self.K
+
+    def depth_camera_pose(self, T_world_colour: np.ndarray) -> np.ndarray:
+        """Camera-to-world pose of the depth camera of a colour camera at ``T_world_colour``."""
+        if self.rig == "kinect":
+            return T_world_colour @ KINECT_REGISTRATION.T_colour_depth
+        return T_world_colour
+
+    def _kinect_intrinsics(self, K: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return resized_intrinsics(K, self.width / size[0], self.height / size[1])
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -592,8 +630,11 @@ def _write_pose(path: Path, T: np.ndarray) -> None:
     path.write_text("".join(" ".join(f"{v:.9f}" for v in row) + "\n" for row in T))
 
 
-def _write_depth(path: Path, depth_m: np.ndarray) -> None:
+def _write_depth(path: Path, depth_m: np.ndarray, depth_range_m: float = 0.0) -> None:
+    """Millimetres; beyond ``depth_range_m`` (> 0) the sensor's invalid value 65535."""
     mm = np.clip(np.round(depth_m * 1000.0), 1, DEPTH_INVALID - 1).astype(np.uint16)
+    if depth_range_m > 0:
+        mm[depth_m > depth_range_m] = DEPTH_INVALID
     cv2.imwrite(str(path), mm)
 
 
@@ -713,8 +754,10 @@ def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = No
                 stem = out_dir / folder / f"frame-{i:06d}"
                 cv2.imwrite(f"{stem}.color.png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
                 if write_7scenes:
-                    _write_depth(Path(f"{stem}.depth.png"), depth)
-                    _write_pose(Path(f"{stem}.pose.txt"), T)
+                    T_depth = config.depth_camera_pose(T)
+                    sensed = depth if T_depth is T else scene.cast(T_depth, config.K_depth, config.width, config.height)[0]
+                    _write_depth(Path(f"{stem}.depth.png"), sensed, config.depth_range_m)
+                    _write_pose(Path(f"{stem}.pose.txt"), T_depth)
                 if distorted is not None:
                     (out_dir / BUNDLER_DIR / folder).mkdir(parents=True, exist_ok=True)
                     copy = out_dir / BUNDLER_DIR / folder / f"frame-{i:06d}.color.png"
@@ -728,6 +771,7 @@ def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = No
     if write_7scenes:
         for split, name in SPLIT_FILES.items():
             (out_dir / name).write_text("".join(f"sequence{n}\n" for n in numbers[split]))
+    if write_7scenes and config.rig == "registered":
         (out_dir / INTRINSICS_FILE).write_text(
             f"{K[0, 0]:.9f} {K[1, 1]:.9f} {K[0, 2]:.9f} {K[1, 2]:.9f} {config.width} {config.height}\n")
     measurements = 0
@@ -752,6 +796,7 @@ def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = No
         "measurements": int(measurements),
         "mean_visible_points": float(np.mean([len(ids) for ids, _ in observations])),
         "formats": list(config.formats),
+        "rig": config.rig,
         "world_frame": "z-up; camera poses camera-to-world, optical frame",
         "seconds": round(time.perf_counter() - start, 3),
         "config": config.to_dict(),
@@ -767,7 +812,7 @@ def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = No
 def build_parser() -> argparse.ArgumentParser:
     d = SyntheticSceneConfig()
     p = argparse.ArgumentParser(
-        prog="synth-scene",
+        prog="posenet-synth-scene",
         description="Render a synthetic textured room along robot trajectories and write it "
         "in the 7-Scenes and Cambridge Landmarks layouts (add bundler to --formats for a Bundler "
         "reconstruction with radially distorted copies of the frames).",
@@ -783,6 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=d.num_points, help="sparse 3D points in the reconstruction")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(d.formats))
+    p.add_argument("--rig", choices=RIGS, default=d.rig,
+                   help="kinect: unregistered Kinect v1 depth and depth-sensor poses, as the official 7-Scenes (with --formats 7scenes)")
+    p.add_argument("--depth-range", type=float, default=d.depth_range_m,
+                   help="metres beyond which depth is written invalid (65535); 0: unlimited")
     p.add_argument("--overwrite", action="store_true", help="replace an existing scene in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -797,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, width=args.width, height=args.height, fov_deg=args.fov,
             frames_train=args.frames_train, frames_test=args.frames_test,
             train_sequences=args.train_sequences, test_sequences=args.test_sequences,
-            num_points=args.points, formats=tuple(args.formats),
+            num_points=args.points, formats=tuple(args.formats), rig=args.rig, depth_range_m=args.depth_range,
         )
         summary = generate_scene(args.out, config, overwrite=args.overwrite, progress=not args.quiet)
     except (ValueError, FileExistsError, OSError) as err:

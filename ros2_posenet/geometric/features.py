@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..geometry import resized_pixel_coords
 from .settings import StrictDictSettings
 
 FEATURE_TYPES = ("sift", "orb")
@@ -131,8 +132,8 @@ def detect_features(image: np.ndarray, config: FeatureConfig | None = None) -> t
         return np.zeros((0, 2), np.float32), np.zeros((0, config.descriptor_size), np.uint8)
     order = np.argsort([-kp.response for kp in keypoints], kind="stable")[: config.max_features]
     xy = np.array([keypoints[i].pt for i in order], dtype=np.float32).reshape(-1, 2)
-    if scale is not None:  # pixel centres at integers: x_full + 0.5 = (x_small + 0.5) * scale
-        xy = ((xy + 0.5) * scale - 0.5).astype(np.float32)
+    if scale is not None:  # back to full-size pixels, the project's one convention for scaled images
+        xy = resized_pixel_coords(xy, scale).astype(np.float32)
     return xy, np.ascontiguousarray(descriptors[order], dtype=np.uint8)
 
 
@@ -155,16 +156,24 @@ def match_features(desc_a: np.ndarray, desc_b: np.ndarray, config: FeatureConfig
     fewer than two descriptors to compare with.
     """
     config = config or FeatureConfig()
-    a, b = _as_matchable(desc_a, config), _as_matchable(desc_b, config)
-    if len(a) == 0 or len(b) < 2:
+    if len(desc_a) == 0 or len(desc_b) < 2:
+        _as_matchable(desc_a, config), _as_matchable(desc_b, config)  # shapes are still checked
         return np.zeros((0, 2), np.int64)
+    distances, ratio = descriptor_distances(desc_a, desc_b, config)
+    return match_from_distances(distances, ratio, config.mutual)
+
+
+def descriptor_distances(desc_a: np.ndarray, desc_b: np.ndarray, config: FeatureConfig | None = None) -> tuple[np.ndarray, float]:
+    """(Na, Nb) float32 distances and ``config.ratio`` in their units (squared L2 for SIFT, Hamming for ORB)."""
+    config = config or FeatureConfig()
+    a, b = _as_matchable(desc_a, config), _as_matchable(desc_b, config)
     if config.type == "sift":
         # Squared L2 from one BLAS product; the ratio test compares squared distances.
         d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-        return _match_from_distances(np.maximum(d2, 0.0), config.ratio**2, config.mutual)
+        return np.maximum(d2, 0.0), config.ratio**2
     # Hamming distance from one product of ±1 bit vectors: d = (bits - a±·b±) / 2.
     sa, sb = _signed_bits(a), _signed_bits(b)
-    return _match_from_distances((sa.shape[1] - sa @ sb.T) * 0.5, config.ratio, config.mutual)
+    return (sa.shape[1] - sa @ sb.T) * 0.5, config.ratio
 
 
 def _signed_bits(descriptors: np.ndarray) -> np.ndarray:
@@ -172,8 +181,12 @@ def _signed_bits(descriptors: np.ndarray) -> np.ndarray:
     return np.unpackbits(descriptors, axis=1).astype(np.float32) * 2.0 - 1.0
 
 
-def _match_from_distances(distances: np.ndarray, ratio: float, mutual: bool) -> np.ndarray:
-    """Ratio test (nearest < ratio × second nearest) + mutual check on an (Na, Nb) distance matrix (overwritten)."""
+def match_from_distances(distances: np.ndarray, ratio: float, mutual: bool) -> np.ndarray:
+    """Ratio test (nearest < ratio × second nearest) + mutual check on an (Na, Nb) distance matrix (overwritten).
+
+    ``inf`` marks pairs that may not match (e.g. outside a search window); a row with one
+    finite candidate passes the ratio test.
+    """
     d = np.asarray(distances, dtype=np.float32)
     rows = np.arange(len(d))
     back = d.argmin(0) if mutual else None

@@ -24,13 +24,23 @@ needs them most; an independent second estimate tells a wrong prior from wrong
 geometry.
 
 ``status`` is ``refined`` or ``fallback``; a fallback returns the prior's pose and
-covariance unchanged and says why in ``reason``.
+covariance unchanged, says why in ``reason`` (for people) and ``failure`` (one of
+:data:`FAILURES`, for counters).
 
-Covariance: ``s · σ² (JᵀJ)⁻¹`` with ``J`` the Jacobian of the inliers' pixel
-residuals with respect to the camera centre (map frame) and a small rotation about
+A wrong calibration makes a confident, wrong pose: a focal length 3 % too long moves
+the camera ~17 cm along its axis with every inlier still within a pixel, and the
+covariance, which trusts K, says 5 mm. So every pose is also estimated with the focal
+length unknown (P4Pf LO-RANSAC + refinement, pycolmap); when the focal length the
+image's matches imply differs from K's by more than ``max_focal_error`` (and by more
+than ``gate_sigma`` of its own uncertainty), the frame falls back with failure
+``calibration`` and ``focal_ratio`` says by how much (bench/RESULTS.md).
+
+Covariance: the unit covariance ``σ² (JᵀJ)⁻¹``, with ``J`` the Jacobian of the inliers'
+pixel residuals with respect to the camera centre (map frame) and a small rotation about
 the map axes (the order and convention of :mod:`ros2_posenet.covariance`: x, y, z,
-roll, pitch, yaw), ``σ²`` the inliers' residual variance, and ``s`` a scale
-calibrated on held-out images when the map is built (:func:`calibrate_covariance_scale`).
+roll, pitch, yaw) and ``σ²`` the inliers' residual variance, put through the map's
+:class:`~ros2_posenet.covariance.CovarianceModel` (scale + floor per block, cross terms
+weighted), calibrated on held-out images when the map is built (:func:`calibrate_covariance`).
 """
 from __future__ import annotations
 
@@ -43,9 +53,10 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from ..covariance import CovarianceModel, calibration_metrics, fit_covariance_model
 from ..geometry import invert_matrix, matrix_to_pose, skew
 from ..preprocess import check_rgb_image
-from .features import detect_features, match_features
+from .features import descriptor_distances, detect_features, match_features, match_from_distances
 from .scene_map import SceneMap
 from .settings import StrictDictSettings
 
@@ -54,6 +65,16 @@ log = logging.getLogger(__name__)
 SOLVERS = ("pycolmap", "poselib", "opencv")
 STATUS_REFINED = "refined"
 STATUS_FALLBACK = "fallback"
+# RefinementResult.failure of a fallback (the node counts them; "" when refined).
+FAILURE_NO_KEYFRAMES = "no_keyframes"        # no keyframe looks the way the prior does (or none retrieved)
+FAILURE_NO_FEATURES = "no_features"          # fewer than 6 features in the image
+FAILURE_TOO_FEW_INLIERS = "too_few_inliers"  # below min_inliers (retrieval: retrieval_min_inliers)
+FAILURE_INLIER_RATIO = "inlier_ratio"        # enough inliers, but below min_inlier_ratio of the matches
+FAILURE_GATE = "gate"                        # disagrees with the prior and nothing else confirmed it
+FAILURE_MAX_CORRECTION = "max_correction"    # beyond max_correction_m / max_correction_deg
+FAILURE_CALIBRATION = "calibration"          # the image's matches imply another focal length than K's
+FAILURES = (FAILURE_NO_KEYFRAMES, FAILURE_NO_FEATURES, FAILURE_TOO_FEW_INLIERS, FAILURE_INLIER_RATIO,
+            FAILURE_GATE, FAILURE_MAX_CORRECTION, FAILURE_CALIBRATION)
 
 
 @dataclass(frozen=True)
@@ -90,8 +111,19 @@ class RefinementConfig(StrictDictSettings):
         retrieval_confirms: the same with keyframes retrieved by appearance
             (``source = 'retrieval'``, ``retrieval_min_inliers``), tried when the
             neighbourhood did not confirm. Both off: every gated pose is a fallback.
-        covariance_scale: factor on the geometric covariance; 0 = the map's calibration (1 without one).
+        covariance_scale: factor on the geometric covariance instead of the map's calibration
+            (no floor); 0 = the map's calibrated model (the unit covariance without one).
         min_position_std, min_rotation_std_deg: floors of the reported standard deviations.
+        max_focal_error: largest relative difference between the focal length the matches
+            imply (pose and focal estimated together) and K's before the frame falls back
+            with failure ``calibration`` (it must also exceed ``gate_sigma`` standard
+            deviations of that estimate, inflated by the spread of the recent frames'
+            estimates, :class:`FocalHistory`); 0: no check. Needs pycolmap.
+        guided_matching: when a pose is found with at least ``guided_min_inliers`` but
+            fewer than the inliers needed, the 3D points of the ``2 × keyframes`` keyframes
+            nearest to it are projected into the image and matched within
+            ``guided_window_px`` of their projection (ratio test ``guided_ratio`` among
+            those), and the pose is solved again; the result passes every check as usual.
     """
 
     SETTINGS_NAME = "refinement config"  # prefix of the errors of from_dict (not a field)
@@ -116,11 +148,17 @@ class RefinementConfig(StrictDictSettings):
     covariance_scale: float = 0.0
     min_position_std: float = 0.002
     min_rotation_std_deg: float = 0.05
+    max_focal_error: float = 0.02
+    guided_matching: bool = True
+    guided_min_inliers: int = 8
+    guided_window_px: float = 12.0
+    guided_ratio: float = 0.9
 
     def __post_init__(self):
-        positive = ("metres_per_radian", "ransac_threshold_px", "gate_sigma", "default_prior_std_m", "default_prior_std_deg")
+        positive = ("metres_per_radian", "ransac_threshold_px", "gate_sigma", "default_prior_std_m", "default_prior_std_deg",
+                    "guided_window_px")
         non_negative = ("max_correction_m", "max_correction_deg", "covariance_scale", "min_position_std",
-                        "min_rotation_std_deg", "min_inlier_ratio")
+                        "min_rotation_std_deg", "min_inlier_ratio", "max_focal_error")
         problems = [f"{n} must be > 0, got {getattr(self, n)!r}" for n in positive
                     if not (math.isfinite(float(getattr(self, n))) and float(getattr(self, n)) > 0)]
         problems += [f"{n} must be >= 0, got {getattr(self, n)!r}" for n in non_negative
@@ -128,7 +166,9 @@ class RefinementConfig(StrictDictSettings):
         for name in ("keyframes", "retrieval_keyframes"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1")
-        for name in ("min_inliers", "retrieval_min_inliers"):
+        if not 0 < float(self.guided_ratio) <= 1:
+            problems.append(f"guided_ratio must be in (0, 1], got {self.guided_ratio!r}")
+        for name in ("min_inliers", "retrieval_min_inliers", "guided_min_inliers"):
             if int(getattr(self, name)) < 6:
                 problems.append(f"{name} must be >= 6 (a pose has 6 degrees of freedom)")
         if not 0 < float(self.max_keyframe_angle_deg) <= 180:
@@ -175,6 +215,10 @@ class RefinementResult:
             (near a pose the gate refused, confirming it) or ``retrieval`` (by appearance).
         timing_ms: ``features``, ``matching``, ``pose``, ``total``.
         correction: position (m) and rotation (deg) difference refined vs prior (NaN without prior / estimate).
+        failure: for a fallback, what failed (one of :data:`FAILURES`); ``""`` when refined.
+        focal_ratio: focal length the matches imply ÷ K's (NaN when not checked): 0.91 means
+            K's focal length is 10 % too long.
+        attempts: ``(source, keyframes)`` of every matching attempt, in order.
     """
 
     status: str
@@ -187,6 +231,9 @@ class RefinementResult:
     source: str = "prior"
     timing_ms: dict = field(default_factory=dict)
     correction: tuple[float, float] = (float("nan"), float("nan"))
+    failure: str = ""
+    focal_ratio: float = float("nan")
+    attempts: list[tuple[str, list[int]]] = field(default_factory=list)
 
     @property
     def refined(self) -> bool:
@@ -292,6 +339,49 @@ def solve_absolute_pose(points2d: np.ndarray, points3d: np.ndarray, K: np.ndarra
     return invert_matrix(T), inliers
 
 
+def estimate_focal_ratio(points2d: np.ndarray, points3d: np.ndarray, K: np.ndarray, image_size: tuple[int, int],
+                         threshold_px: float = 4.0) -> tuple[float, float, int]:
+    """The focal length the correspondences imply, as a ratio to ``K``'s: ``(ratio, its std, inliers)``.
+
+    Pose and one common focal scale are estimated together (pycolmap: P4Pf LO-RANSAC +
+    Ceres refinement; the principal point and ``fy/fx`` are kept from ``K``). The
+    standard deviation comes from the 7-parameter normal equations of the inliers'
+    pixel residuals. ``(nan, nan, 0)`` when no pose is found.
+    """
+    import pycolmap
+
+    p2d = np.array(points2d, np.float64).reshape(-1, 2)
+    p3d = np.ascontiguousarray(points3d, np.float64).reshape(-1, 3)
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    p2d[:, 1] = cy + (p2d[:, 1] - cy) * fx / fy  # square pixels: one focal length to estimate
+    camera = pycolmap.Camera(model="SIMPLE_PINHOLE", width=int(image_size[0]), height=int(image_size[1]), params=[fx, cx, cy])
+    options = pycolmap.AbsolutePoseEstimationOptions()
+    options.estimate_focal_length = True
+    options.ransac.max_error = float(threshold_px)
+    options.ransac.random_seed = 0
+    refinement = pycolmap.AbsolutePoseRefinementOptions()
+    refinement.refine_focal_length = True
+    try:
+        answer = pycolmap.estimate_and_refine_absolute_pose(p2d, p3d, camera, options, refinement)
+    except (RuntimeError, ValueError) as err:
+        log.debug("focal length estimate failed: %s", err)
+        answer = None
+    if answer is None or len(p2d) < 7:
+        return float("nan"), float("nan"), 0
+    inliers = np.asarray(answer["inlier_mask"], bool)
+    focal = float(camera.params[0])  # refined in place
+    T = np.eye(4)
+    T[:3, :4] = answer["cam_from_world"].matrix()
+    K_est = np.array([[focal, 0, cx], [0, focal, cy], [0, 0, 1]])
+    uv, J = reprojection_jacobian(invert_matrix(T), K_est, p3d[inliers])
+    J = np.concatenate((J, (uv - K_est[:2, 2])[:, :, None]), axis=2).reshape(-1, 7)  # d pixel / d log(focal)
+    residuals = (uv - p2d[inliers]).reshape(-1)
+    sigma2 = max(float(residuals @ residuals) / max(1, len(residuals) - 7), 1e-4)
+    log_std = math.sqrt(max(0.0, sigma2 * float(np.linalg.pinv(J.T @ J)[6, 6])))
+    ratio = focal / fx
+    return ratio, ratio * log_std, int(inliers.sum())
+
+
 # ----------------------------------------------------------------------------- covariance and gate
 
 
@@ -362,14 +452,21 @@ def _check_inputs(rgb, K, prior_T, prior_covariance):
 
 
 class Refiner:
-    """Refines pose priors against one :class:`SceneMap` (thread-compatible: no shared mutable state per call)."""
+    """Refines pose priors against one :class:`SceneMap` (thread-safe; its one state is the recent focal ratios, :class:`FocalHistory`)."""
 
     def __init__(self, scene_map: SceneMap, config: RefinementConfig | None = None):
         self.map = scene_map
         self.config = config or RefinementConfig()
         require_solver(self.config.solver)
-        calibrated = scene_map.metadata.get("calibration", {}).get("covariance_scale")
-        self.covariance_scale = float(self.config.covariance_scale or calibrated or 1.0)
+        self.covariance_model = map_covariance_model(scene_map, self.config)
+        self._focal_check = bool(self.config.max_focal_error)
+        self._focal_history = FocalHistory()
+        if self._focal_check and self.config.solver != "pycolmap":
+            try:
+                import pycolmap  # noqa: F401 - the focal check's P4Pf solver
+            except ImportError:
+                log.warning("max_focal_error: pycolmap is not installed, the camera's focal length is not checked")
+                self._focal_check = False
 
     def refine(self, rgb: np.ndarray, K: np.ndarray, prior_T: np.ndarray | None = None,
                prior_covariance: np.ndarray | None = None) -> RefinementResult:
@@ -399,19 +496,20 @@ class Refiner:
         timing["features"] = (time.perf_counter() - t0) * 1e3
 
         tried: list[int] = []
+        attempts: list[tuple[str, list[int]]] = []
         attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
-            source, keyframes, keypoints, descriptors, K, size, prior_T, prior_covariance, timing, tried, previous)
+            source, keyframes, keypoints, descriptors, K, size, prior_T, prior_covariance, timing, tried, previous, attempts)
         if prior_T is not None:
             outcome = attempt("prior", self.map.nearest_keyframes(
                 prior_T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg))
             if outcome.get("gated") and not outcome.get("capped"):
                 outcome = self._confirm_refused(outcome, attempt, rgb, tried)
-            elif cfg.retrieval and not outcome["ok"] and not outcome.get("gated"):
+            elif cfg.retrieval and not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION:
                 outcome = attempt("retrieval", self._retrieve(rgb, tried), previous=outcome)
         else:
             outcome = attempt("retrieval", self._retrieve(rgb, tried))
         timing["total"] = (time.perf_counter() - start) * 1e3
-        return self._result(outcome, prior_T, prior_covariance, timing, tried)
+        return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
 
     # ---- internals
 
@@ -419,6 +517,37 @@ class Refiner:
         """The ``retrieval_keyframes`` keyframes most similar to ``rgb`` that are not in ``exclude``."""
         k = self.config.retrieval_keyframes
         return _untried(self.map.retrieve_keyframes(rgb, k + len(exclude)), exclude, k)
+
+    def _guided_correspondences(self, T, K, size, keyframes, keypoints, descriptors, timing):
+        """2D–3D correspondences found where a pose says they must be (guided matching).
+
+        The 3D points of ``keyframes`` are projected into the query with ``T``; each query
+        feature is matched among the projections within ``guided_window_px`` of it (ratio
+        test ``guided_ratio`` among those, mutual check). The window replaces most of the
+        ratio test's work, so far more correct matches survive than by appearance alone.
+        """
+        t0 = time.perf_counter()
+        cfg = self.config
+        points = np.concatenate([self.map.points3d[k] for k in keyframes]).astype(np.float64)
+        map_desc = np.concatenate([self.map.descriptors[k] for k in keyframes])
+        cam = (points - T[:3, 3]) @ T[:3, :3]
+        z = cam[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            uv = cam[:, :2] / z[:, None] @ np.diag([K[0, 0], K[1, 1]]) + K[:2, 2]
+        visible = (z > 0.05) & np.all((uv > -0.5) & (uv < np.array(size) - 0.5), axis=1)
+        points, map_desc, uv = points[visible], map_desc[visible], uv[visible]
+        if len(points) < 2 or len(keypoints) == 0:
+            timing["matching"] += (time.perf_counter() - t0) * 1e3
+            return np.zeros((0, 2)), np.zeros((0, 3))
+        near = ((keypoints[:, None, :] - uv[None].astype(np.float32)) ** 2).sum(-1) <= cfg.guided_window_px**2
+        rows, cols = np.flatnonzero(near.any(1)), np.flatnonzero(near.any(0))
+        if not len(rows):
+            timing["matching"] += (time.perf_counter() - t0) * 1e3
+            return np.zeros((0, 2)), np.zeros((0, 3))
+        full, ratio = descriptor_distances(descriptors[rows], map_desc[cols], replace(self.map.feature_config, ratio=cfg.guided_ratio))
+        pairs = match_from_distances(np.where(near[np.ix_(rows, cols)], full, np.inf).astype(np.float32), ratio, True)
+        timing["matching"] += (time.perf_counter() - t0) * 1e3
+        return (keypoints[rows[pairs[:, 0]]].astype(np.float64), points[cols[pairs[:, 1]]])
 
     def _correspondences(self, keyframes, keypoints, descriptors, timing):
         """2D–3D correspondences: each query feature's match in the first keyframe that has one."""
@@ -436,25 +565,39 @@ class Refiner:
             return np.zeros((0, 2)), np.zeros((0, 3))
         return np.concatenate(p2d).astype(np.float64), np.concatenate(p3d).astype(np.float64)
 
-    def _attempt(self, source, keyframes, keypoints, descriptors, K, size, prior_T, prior_cov, timing, tried, previous=None):
+    def _attempt(self, source, keyframes, keypoints, descriptors, K, size, prior_T, prior_cov, timing, tried,
+                 previous=None, attempts=None):
         cfg = self.config
-        outcome = {"ok": False, "source": source, "keyframes": [], "inliers": 0, "matches": 0, "T": None}
+        outcome = {"ok": False, "source": source, "keyframes": [], "inliers": 0, "matches": 0, "T": None, "failure": ""}
         if len(keyframes) == 0:
             outcome["reason"] = {"prior": "no keyframe of the map looks the way the prior does",
                                  "neighbourhood": "no other keyframe around the refused pose",
                                  "retrieval": "no keyframe retrieved"}[source]
+            outcome["failure"] = FAILURE_NO_KEYFRAMES
             return outcome if previous is None else {**previous, "reason": previous["reason"] + "; " + outcome["reason"]}
         tried.extend(int(k) for k in keyframes)
         outcome["keyframes"] = [int(k) for k in keyframes]
+        if attempts is not None:
+            attempts.append((source, outcome["keyframes"]))
         if len(keypoints) < 6:
-            outcome["reason"] = f"only {len(keypoints)} features in the image"
-            return outcome if previous is None else {**previous, "reason": outcome["reason"]}
+            outcome.update(reason=f"only {len(keypoints)} features in the image", failure=FAILURE_NO_FEATURES)
+            return outcome if previous is None else {**previous, "reason": outcome["reason"], "failure": FAILURE_NO_FEATURES}
         p2d, p3d = self._correspondences(keyframes, keypoints, descriptors, timing)
         outcome["matches"] = len(p2d)
         t0 = time.perf_counter()
         min_inliers = cfg.retrieval_min_inliers if source == "retrieval" else cfg.min_inliers
         T, inliers = solve_absolute_pose(p2d, p3d, K, size, cfg.ransac_threshold_px, cfg.solver)
         n_in = int(inliers.sum())
+        if cfg.guided_matching and T is not None and cfg.guided_min_inliers <= n_in < min_inliers:
+            # A pose from few matches is often right: matching again where it says the points are rescues it.
+            timing["pose"] += (time.perf_counter() - t0) * 1e3
+            near = self.map.nearest_keyframes(T, 2 * cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg)
+            g2d, g3d = self._guided_correspondences(T, K, size, near, keypoints, descriptors, timing)
+            t0 = time.perf_counter()
+            T2, inliers2 = solve_absolute_pose(g2d, g3d, K, size, cfg.ransac_threshold_px, cfg.solver)
+            if T2 is not None and int(inliers2.sum()) > n_in:
+                T, inliers, p2d, p3d, n_in = T2, inliers2, g2d, g3d, int(inliers2.sum())
+                outcome["matches"], outcome["guided"] = len(p2d), True
         outcome["inliers"] = n_in
         if T is None or n_in < min_inliers or n_in < cfg.min_inlier_ratio * max(1, len(p2d)):
             timing["pose"] += (time.perf_counter() - t0) * 1e3
@@ -462,9 +605,16 @@ class Refiner:
                     "retrieval": "retrieved keyframes"}[source]
             outcome["reason"] = (f"too few inliers with the {what}: {n_in} of {len(p2d)} matches "
                                  f"(need {min_inliers} and {cfg.min_inlier_ratio:.0%})")
+            outcome["failure"] = FAILURE_TOO_FEW_INLIERS if T is None or n_in < min_inliers else FAILURE_INLIER_RATIO
             if previous is not None:
                 outcome["reason"] = previous["reason"] + "; " + outcome["reason"]
             return outcome
+        calibration = self._check_focal(p2d, p3d, K, size, outcome)
+        timing["pose"] += (time.perf_counter() - t0) * 1e3
+        if calibration:
+            outcome.update(reason=calibration, failure=FAILURE_CALIBRATION)
+            return outcome
+        t0 = time.perf_counter()
         covariance = self._covariance(T, K, p2d[inliers], p3d[inliers])
         timing["pose"] += (time.perf_counter() - t0) * 1e3
         outcome.update(T=T, covariance=covariance, ok=True,
@@ -475,11 +625,28 @@ class Refiner:
             if source == "prior":
                 gate, capped = self._gate(delta, covariance, prior_cov)
                 if gate:
-                    outcome.update(ok=False, gated=True, capped=capped, reason=gate)
+                    outcome.update(ok=False, gated=True, capped=capped, reason=gate,
+                                   failure=FAILURE_MAX_CORRECTION if capped else FAILURE_GATE)
             else:
                 outcome["reason"] += (f"; the prior was {outcome['correction'][0]:.2f} m, "
                                       f"{outcome['correction'][1]:.1f}° away")
         return outcome
+
+    def _check_focal(self, p2d, p3d, K, size, outcome: dict) -> str:
+        """Why K's focal length disagrees with the one the matches imply ("" if it agrees or is not checked).
+
+        Sets ``outcome["focal_ratio"]``. A wrong focal length is absorbed by the pose
+        (mostly a shift along the optical axis) with every residual small, so only an
+        estimate that frees it can tell.
+        """
+        cfg = self.config
+        if not cfg.max_focal_error or not self._focal_check:
+            return ""
+        ratio, std, inliers = estimate_focal_ratio(p2d, p3d, K, size, cfg.ransac_threshold_px)
+        outcome["focal_ratio"] = ratio
+        if not math.isfinite(ratio):
+            return ""
+        return self._focal_history.verdict(K, ratio, std, inliers, cfg.max_focal_error, cfg.gate_sigma)
 
     def _confirm_refused(self, gated: dict, attempt, rgb: np.ndarray, tried: list[int]) -> dict:
         """Accept a pose the gate refused when keyframes that did not produce it give the same pose.
@@ -536,17 +703,19 @@ class Refiner:
 
     def _covariance(self, T, K, p2d, p3d) -> np.ndarray:
         cfg = self.config
-        cov = self.covariance_scale * geometric_covariance(T, K, p2d, p3d)
+        cov = self.covariance_model.apply(geometric_covariance(T, K, p2d, p3d))
         floor = np.array([cfg.min_position_std**2] * 3 + [np.radians(cfg.min_rotation_std_deg) ** 2] * 3)
         cov[np.diag_indices(6)] = np.maximum(np.diag(cov), floor)
         return 0.5 * (cov + cov.T)
 
-    def _result(self, outcome, prior_T, prior_cov, timing, tried) -> RefinementResult:
+    def _result(self, outcome, prior_T, prior_cov, timing, tried, attempts) -> RefinementResult:
         common = dict(inliers=outcome["inliers"], matches=outcome["matches"], keyframes_used=list(dict.fromkeys(tried)),
-                      source=outcome["source"], timing_ms=timing,
-                      correction=outcome.get("correction", (float("nan"), float("nan"))))
+                      source=outcome["source"], timing_ms=timing, attempts=attempts,
+                      correction=outcome.get("correction", (float("nan"), float("nan"))),
+                      focal_ratio=float(outcome.get("focal_ratio", float("nan"))))
         if outcome["ok"]:
             return RefinementResult(STATUS_REFINED, outcome["reason"], outcome["T"], outcome["covariance"], **common)
+        common["failure"] = outcome["failure"]
         if prior_T is not None:
             return RefinementResult(STATUS_FALLBACK, outcome["reason"], prior_T.copy(),
                                     None if prior_cov is None else prior_cov.copy(), **common)
@@ -554,6 +723,48 @@ class Refiner:
             raise AssertionError("no keyframe was tried")
         return RefinementResult(STATUS_FALLBACK, outcome["reason"] + "; answering the best retrieved keyframe's pose",
                                 self.map.poses[tried[0]].copy(), None, **common)
+
+
+class FocalHistory:
+    """The focal ratios of the recent frames per camera (K): what a wrong calibration looks like over time.
+
+    One frame's estimate (pose and focal together) is precise on clean data (±0.3 % on
+    the synthetic room) but wanders by a few per cent on real frames whose residuals are
+    not independent (depth noise, the ground truth's own ±1.5 px), far beyond its formal
+    standard deviation. So a frame is refused when its ratio is off by more than
+    ``tolerance`` *and* by more than ``sigmas`` of its deviation inflated by the recent
+    frames' spread (robust: 1.4826 × MAD); and every frame is refused while the median of
+    the recent frames is off by more than ``tolerance`` (a calibration is wrong for all
+    frames alike). Thread-safe.
+    """
+
+    def __init__(self, window: int = 30, min_frames: int = 5):
+        import threading
+
+        self.window, self.min_frames = window, min_frames
+        self._ratios: dict[tuple, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def verdict(self, K: np.ndarray, ratio: float, std: float, inliers: int, tolerance: float, sigmas: float) -> str:
+        """Why this frame's focal ratio says K is wrong ("" if it does not); records the ratio."""
+        key = tuple(np.round(np.asarray(K, np.float64)[[0, 1, 0, 1], [0, 1, 2, 2]], 3))
+        with self._lock:
+            recent = self._ratios.setdefault(key, [])
+            previous = np.array(recent)
+            recent.append(float(ratio))
+            del recent[:-self.window]
+            consensus = float(np.median(recent))
+        spread = 1.4826 * float(np.median(np.abs(previous - np.median(previous)))) if len(previous) >= self.min_frames else 0.0
+        deviation = abs(ratio - 1)
+        fx = float(K[0, 0])
+        if deviation > tolerance and deviation > sigmas * math.hypot(std, spread):
+            return (f"calibration: this image's {inliers} matches imply a focal length of {ratio * fx:.1f} px "
+                    f"(±{math.hypot(std, spread) * fx:.1f}), {ratio:.3f}× the camera's fx {fx:.1f} (max_focal_error "
+                    f"{tolerance:.0%}): check the CameraInfo K, and that it belongs to these images")
+        if len(recent) >= self.min_frames and abs(consensus - 1) > tolerance:
+            return (f"calibration: the last {len(recent)} frames imply a focal length {consensus:.3f}× the camera's fx "
+                    f"{fx:.1f} (median; max_focal_error {tolerance:.0%}): check the CameraInfo K")
+        return ""
 
 
 def _untried(ranked: np.ndarray, exclude: list[int], k: int) -> np.ndarray:
@@ -576,40 +787,69 @@ def perturb_pose(T_world_camera: np.ndarray, metres: float, degrees: float, rng:
     return T
 
 
-def calibrate_covariance_scale(scene_map: SceneMap, samples: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                               config: RefinementConfig | None = None, prior_metres: float = 0.3,
-                               prior_degrees: float = 5.0, seed: int = 0) -> dict:
-    """Scale ``s`` that makes the geometric covariance match the errors on held-out images.
+def map_covariance_model(scene_map: SceneMap, config: RefinementConfig) -> CovarianceModel:
+    """The covariance model refined poses are published with.
 
-    For each ``(rgb, K, T_true)`` the true pose, perturbed, is refined; with the
-    unscaled covariance ``Σ`` and error ``δ`` (:func:`pose_difference`), the scale is
-    the mean of ``δᵀ Σ⁻¹ δ / 6`` over the refined frames, so that the scaled
-    covariance has the expected normalised squared error of a calibrated one (6).
+    ``config.covariance_scale`` > 0 overrides (a plain factor); else the map's calibrated model,
+    or its single scale (maps calibrated before the model existed); else the unit covariance.
+    """
+    if config.covariance_scale > 0:
+        return CovarianceModel(config.covariance_scale, config.covariance_scale)
+    calibration = scene_map.metadata.get("calibration") or {}
+    if calibration.get("model"):
+        return CovarianceModel.from_dict(calibration["model"])
+    scale = float(calibration.get("covariance_scale") or 1.0)
+    return CovarianceModel(scale, scale)
+
+
+def calibration_residuals(scene_map: SceneMap, samples: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                          config: RefinementConfig | None = None, prior_metres: float = 0.3,
+                          prior_degrees: float = 5.0, seed: int = 0) -> dict:
+    """Refine held-out images against ``scene_map``: errors and unit covariances of the refined ones.
+
+    For each ``(rgb, K, T_true)`` the true pose, perturbed, is refined (retrieval off, so a
+    pose is only found where the map explains the image); the refiner's covariance is the
+    unit one (:func:`geometric_covariance`, no floors).
 
     Returns:
-        ``{"covariance_scale", "frames", "refined", "median_position_m", "median_rotation_deg"}``
-        (scale 1.0 when nothing was refined).
+        ``{"frames": int, "residuals": (M, 6) pose_difference(refined, true), "unit": (M, 6, 6)}``.
     """
     base = config or RefinementConfig()
-    refiner = Refiner(scene_map, replace(base, covariance_scale=1.0, min_position_std=0.0, min_rotation_std_deg=0.0,
-                                         retrieval=False))
-    refiner.covariance_scale = 1.0
+    refiner = Refiner(scene_map, replace(base, min_position_std=0.0, min_rotation_std_deg=0.0, retrieval=False))
+    refiner.covariance_model = CovarianceModel()
     rng = np.random.default_rng(seed)
-    normalised, pos, rot, frames = [], [], [], 0
+    residuals, unit, frames = [], [], 0
     for rgb, K, T_true in samples:
         frames += 1
-        prior = perturb_pose(T_true, prior_metres, prior_degrees, rng)
-        result = refiner.refine(rgb, K, prior, None)
-        if not result.refined:
-            continue
-        delta = pose_difference(result.T, T_true)
-        normalised.append(float(delta @ np.linalg.pinv(result.covariance) @ delta) / 6.0)
-        pos.append(float(np.linalg.norm(delta[:3])))
-        rot.append(float(np.degrees(np.linalg.norm(delta[3:]))))
+        result = refiner.refine(rgb, K, perturb_pose(T_true, prior_metres, prior_degrees, rng), None)
+        if result.refined:
+            residuals.append(pose_difference(result.T, T_true))
+            unit.append(result.covariance)
+    return {"frames": frames, "residuals": np.array(residuals).reshape(-1, 6), "unit": np.array(unit).reshape(-1, 6, 6)}
+
+
+def calibrate_covariance(residuals: np.ndarray, unit: np.ndarray, frames: int, method: str = "held-out images") -> dict:
+    """The map's ``calibration``: a :class:`CovarianceModel` fitted on held-out refinements.
+
+    Args:
+        residuals, unit: (M, 6), (M, 6, 6) of the refined held-out frames (:func:`calibration_residuals`).
+        frames: held-out frames tried (refined or not); method: how they were held out (stored).
+
+    Returns:
+        ``{"method", "frames", "refined", "model", "covariance_scale", "median_position_m",
+        "median_rotation_deg", "fit"}``: ``fit`` holds the coverage of the fitted model on these
+        frames (:func:`~ros2_posenet.covariance.calibration_metrics`); without a refined frame the
+        model is the unit covariance. ``covariance_scale`` (the position scale) is kept for readers
+        of older maps.
+    """
+    residuals, unit = np.asarray(residuals, np.float64).reshape(-1, 6), np.asarray(unit, np.float64).reshape(-1, 6, 6)
+    model = fit_covariance_model(residuals, unit) if len(residuals) else CovarianceModel()
+    pos, rot = np.linalg.norm(residuals[:, :3], axis=1), np.degrees(np.linalg.norm(residuals[:, 3:], axis=1))
+    fit = calibration_metrics(residuals, model.apply(unit)) if len(residuals) else {}
     return {
-        "covariance_scale": float(np.mean(normalised)) if normalised else 1.0,
-        "frames": frames,
-        "refined": len(normalised),
-        "median_position_m": float(np.median(pos)) if pos else float("nan"),
-        "median_rotation_deg": float(np.median(rot)) if rot else float("nan"),
+        "method": method, "frames": int(frames), "refined": len(residuals), "model": model.to_dict(),
+        "covariance_scale": model.position_scale,
+        "median_position_m": float(np.median(pos)) if len(pos) else float("nan"),
+        "median_rotation_deg": float(np.median(rot)) if len(rot) else float("nan"),
+        "fit": fit,
     }

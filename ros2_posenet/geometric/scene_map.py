@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..geometry import backproject_pixels
+from ..geometry import backproject_pixels, resized_pixel_coords
 from .features import FeatureConfig, detect_features, match_features
 from .retrieval import tiny_image_descriptor
 
@@ -364,8 +364,8 @@ def depth_lift(depth_m: np.ndarray, K: np.ndarray, T_world_camera: np.ndarray, m
     def lift(keypoints: np.ndarray, image_size: tuple[int, int] | None = None):
         kp = np.asarray(keypoints, np.float64).reshape(-1, 2)
         width, height = image_size or (w, h)
-        u = np.clip(np.round((kp[:, 0] + 0.5) * w / width - 0.5).astype(np.int64), 0, w - 1)
-        v = np.clip(np.round((kp[:, 1] + 0.5) * h / height - 0.5).astype(np.int64), 0, h - 1)
+        uv = np.round(resized_pixel_coords(kp, (w / width, h / height))).astype(np.int64)
+        u, v = np.clip(uv[:, 0], 0, w - 1), np.clip(uv[:, 1], 0, h - 1)
         z = depth[v, u].astype(np.float64)
         valid = (z >= min_depth) & (z <= max_depth) & (lo[v, u] > 0) & (hi[v, u] - lo[v, u] <= max_relative_step * z)
         return backproject_pixels(kp, z, K, T), valid

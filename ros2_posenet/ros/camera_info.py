@@ -7,12 +7,13 @@ the checks are testable on their own.
 """
 from __future__ import annotations
 
-import bisect
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..geometry import resized_intrinsics
 from .messages import stamp_to_seconds
 
 
@@ -33,7 +34,8 @@ class CameraIntrinsics:
         """The calibration of an image of ``width``×``height`` px taken by this camera.
 
         A resized image stream (image_proc's resize) keeps the CameraInfo of the
-        original size: scale the focal lengths and principal point with the image.
+        original size: scale the focal lengths and principal point with the image
+        (OpenCV's pixel-centre convention, as cv2.resize makes the image: cx' = (cx + 0.5)·s − 0.5).
         Different aspect ratios mean a crop, which cannot be inferred: an error.
         """
         if (width, height) == (self.width, self.height):
@@ -44,10 +46,15 @@ class CameraIntrinsics:
                 f"image is {width}x{height} but CameraInfo describes {self.width}x{self.height} (another aspect ratio); "
                 "publish the CameraInfo of the image topic itself"
             )
-        K = self.K.copy()
-        K[0, :] *= sx
-        K[1, :] *= sy
-        return CameraIntrinsics(K, self.distortion, int(width), int(height))
+        return CameraIntrinsics(resized_intrinsics(self.K, sx, sy), self.distortion, int(width), int(height))
+
+
+# Distortion coefficients each CameraInfo model has (sensor_msgs/distortion_models.hpp). OpenCV's
+# undistortion asserts on any length but 4, 5, 8, 12 or 14: a wrong length must be refused where the
+# message arrives, once, rather than fail every frame's refinement. rational_polynomial also takes
+# OpenCV's 12/14-coefficient extensions of the same model (thin prism, tilt).
+DISTORTION_LENGTHS = {"plumb_bob": (5,), "rational_polynomial": (8, 12, 14), "equidistant": (4,), "": (4, 5, 8, 12, 14)}
+UNDISTORTED_MODELS = ("", "plumb_bob", "rational_polynomial")  # the models the refinement undistorts (OpenCV's pinhole)
 
 
 def intrinsics_from_camera_info(msg) -> CameraIntrinsics:
@@ -55,6 +62,7 @@ def intrinsics_from_camera_info(msg) -> CameraIntrinsics:
 
     Uses ``k`` (the raw image's camera matrix) and ``d``, since the node receives
     the raw image; ``plumb_bob``/``rational_polynomial`` coefficients are OpenCV's order.
+    An empty ``d`` means no distortion; otherwise its length must be its model's.
     """
     K = np.asarray(msg.k, dtype=float).reshape(3, 3)
     if not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0 or K[2, 2] != 1.0:
@@ -64,51 +72,73 @@ def intrinsics_from_camera_info(msg) -> CameraIntrinsics:
     distortion = np.asarray(msg.d, dtype=float)
     if not np.all(np.isfinite(distortion)):
         raise CameraInfoError(f"CameraInfo on frame '{msg.header.frame_id}' has non-finite distortion {list(msg.d)}")
-    if msg.distortion_model not in ("", "plumb_bob", "rational_polynomial") and np.any(distortion):
+    lengths = DISTORTION_LENGTHS.get(msg.distortion_model)
+    if distortion.size and lengths is not None and distortion.size not in lengths:
+        raise CameraInfoError(
+            f"CameraInfo on frame '{msg.header.frame_id}' has {distortion.size} distortion coefficients for model "
+            f"'{msg.distortion_model}', which has {' or '.join(map(str, lengths))}"
+        )
+    if msg.distortion_model not in UNDISTORTED_MODELS and np.any(distortion):
         raise CameraInfoError(f"distortion model '{msg.distortion_model}' is not supported (plumb_bob, rational_polynomial)")
     return CameraIntrinsics(K, distortion, int(msg.width), int(msg.height))
 
 
+def stamp_gap_problem(age: float, max_age: float, max_ahead: float) -> str | None:
+    """Why a CameraInfo ``age`` s old on arrival (negative: ahead of the clock) is suspect; ``None``: fine.
+
+    The same limits as for images (``max_image_age``, ``future_stamp_tolerance``; 0: no
+    limit). Checked on arrival, not per frame, so a driver that publishes its calibration
+    once is not reported for every image after.
+    """
+    if max_age > 0 and age > max_age:
+        return f"stamped {age:.3f} s before its arrival (more than {max_age:g} s)"
+    if max_ahead > 0 and -age > max_ahead:
+        return f"stamped {-age:.3f} s ahead of its arrival (more than {max_ahead:g} s)"
+    return None
+
+
 class CameraInfoBuffer:
-    """Recent CameraInfo messages by stamp (thread-safe: filled by a callback, read by the worker)."""
+    """The most recently received CameraInfo messages (thread-safe: filled by a callback, read by the worker).
+
+    Kept in arrival order: "latest" is the latest received, as a driver that changes
+    its calibration means it, whatever the stamps say (a stamp an hour ahead must not
+    pin an old calibration); the oldest received is forgotten first.
+    """
 
     def __init__(self, max_messages: int = 100):
-        self._stamps: list[float] = []
-        self._values: list[CameraIntrinsics] = []
-        self._max = max_messages
+        self._items: deque[tuple[float, CameraIntrinsics]] = deque(maxlen=max_messages)
         self._lock = threading.Lock()
+        self.received = 0  # usable messages stored since start (the buffer keeps max_messages)
 
     def add(self, msg) -> CameraIntrinsics:
         """Store a message; raises :class:`CameraInfoError` (nothing stored) when unusable."""
         intrinsics = intrinsics_from_camera_info(msg)
         stamp = stamp_to_seconds(msg.header.stamp)
         with self._lock:
-            i = bisect.bisect_right(self._stamps, stamp)
-            self._stamps.insert(i, stamp)
-            self._values.insert(i, intrinsics)
-            if len(self._stamps) > self._max:
-                del self._stamps[0], self._values[0]
+            self._items.append((stamp, intrinsics))
+            self.received += 1
         return intrinsics
 
     def lookup(self, stamp: float, tolerance: float) -> CameraIntrinsics | None:
         """The calibration stamped closest to ``stamp`` within ``tolerance`` s.
 
-        ``tolerance < 0`` takes the latest message whatever its stamp (drivers that
-        latch one CameraInfo). ``None`` when there is none.
+        ``tolerance < 0`` takes the latest message received whatever its stamp (drivers
+        that latch one CameraInfo). ``None`` when there is none. Among equally close
+        stamps the latest received wins.
         """
         with self._lock:
-            if not self._stamps:
+            if not self._items:
                 return None
             if tolerance < 0:
-                return self._values[-1]
-            i = bisect.bisect_left(self._stamps, stamp)
-            candidates = [j for j in (i - 1, i) if 0 <= j < len(self._stamps)]
-            best = min(candidates, key=lambda j: abs(self._stamps[j] - stamp))
-            return self._values[best] if abs(self._stamps[best] - stamp) <= tolerance else None
+                return self._items[-1][1]
+            items = self._items
+            best = min(range(len(items)), key=lambda i: (abs(items[i][0] - stamp), -i))
+            closest, intrinsics = items[best]
+            return intrinsics if abs(closest - stamp) <= tolerance else None
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._stamps)
+            return len(self._items)
 
 
 def intrinsics_mismatch(live: CameraIntrinsics, reference_K: np.ndarray, reference_size: tuple[int, int], rtol: float = 0.05) -> str | None:

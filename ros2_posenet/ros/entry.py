@@ -4,8 +4,9 @@ Importing the node takes seconds (torch, rclpy). A ``KeyboardInterrupt`` raised 
 extension module's import is not always a ``KeyboardInterrupt`` by the time it reaches us
 (numpy turns it into an ``ImportError``), so while importing, Ctrl-C simply ends the process
 with status 0: nothing has been started yet that would need cleaning up. Once imported, the
-node's ``main`` handles Ctrl-C itself (and rclpy's signal handler takes over at ``rclpy.init``).
-This module imports nothing heavy.
+node's ``main`` (:func:`run_node`) handles Ctrl-C and SIGTERM itself (rclpy's signal handler takes over
+at ``rclpy.init``; at shutdown the workers are joined before the context goes). This module imports
+nothing heavy at import time.
 """
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import importlib
 import os
 import signal
 import sys
+import threading
+
+
+# Exit code of a node whose parameters or checkpoint are unusable (launch stops instead of respawning it).
+EXIT_CONFIGURATION_ERROR = 2
 
 
 def _exit_quietly(signum, frame) -> None:
@@ -29,6 +35,77 @@ def _run(module: str) -> int:
         return main()
     except KeyboardInterrupt:
         return 0
+
+
+def run_node(node_class: type, argv: list[str] | None = None) -> int:
+    """Spin ``node_class`` until shutdown: 0 on a clean shutdown (Ctrl-C or SIGTERM, even during start-up),
+    2 on a configuration error, ``node.exit_code`` when the node asks for a restart."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    from ..checkpoint import CheckpointError
+    from .parameters import NODE_NAME, ConfigurationError, argument_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argument_parser().parse_args(rclpy.utilities.remove_ros_args(["prog", *argv])[1:])
+    _let_rclpy_handle_sigterm()
+    node = None
+    try:
+        rclpy.init(args=["prog", *argv])
+        node = node_class()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as err:
+        if not rclpy.ok():
+            pass  # Ctrl-C during start-up: rclpy's signal handler shut the context down under us
+        elif isinstance(err, (ConfigurationError, CheckpointError)):
+            rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {err}")
+            return EXIT_CONFIGURATION_ERROR
+        else:
+            raise
+    finally:
+        _shut_down_quietly(node)
+    return node.exit_code if node is not None else 0
+
+
+def _let_rclpy_handle_sigterm() -> None:
+    """Import pycolmap (the map stage's default solver) before ``rclpy.init`` and take back SIGTERM.
+
+    Importing pycolmap installs glog's failure signal handler, SIGTERM included, which dumps a
+    stack trace and kills the process: imported later (when a map loads), it would replace
+    rclpy's handler and turn launch's SIGTERM into exit -15. Imported first and reset to the
+    default, rclpy's handler (installed at ``rclpy.init``) owns SIGTERM as it owns SIGINT.
+    """
+    try:
+        import pycolmap  # noqa: F401
+    except ImportError:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _shut_down_quietly(node) -> None:
+    """Join the workers, destroy the node, shut rclpy down.
+
+    rclpy's handler shut the context down at the first SIGINT/SIGTERM; further ones (launch sends
+    SIGTERM after its timeout, users press Ctrl-C twice) are ignored from here on: a worker inside
+    torch or OpenCV must finish before the context and the interpreter go, or the process aborts.
+    """
+    import rclpy
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread (main() called from a test's thread)
+            pass
+    try:
+        if node is not None:
+            node.destroy_node()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rclpy.try_shutdown()
 
 
 def posenet_node() -> None:

@@ -1,8 +1,11 @@
 """What ``launch/relocalize.launch.py`` starts, decided before anything starts (no ``launch`` import here).
 
-The launch file reads its arguments, calls :func:`plan_launch` and only then returns the actions;
-every check (params file exists and parses, rviz2 is installed, argument types) raises
-:class:`LaunchPlanError` first, so a failing launch leaves no process behind.
+The launch file reads its arguments, calls :func:`plan_launch` and :func:`require_node_files`
+and only then returns the actions; every check (params file exists and parses, rviz2 is
+installed, argument types, the checkpoint and map files exist) raises :class:`LaunchPlanError`
+first, so a failing launch leaves no process behind and ``ros2 launch`` returns non-zero. A node
+that still exits with a configuration error stops the launch instead of being respawned
+(:func:`configuration_exit_problem`).
 
 Precedence, one rule: ``params_file`` first, then only the launch arguments the user set
 (an empty argument means "not set"). A key of the params file is therefore never overridden by
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+
+from .entry import EXIT_CONFIGURATION_ERROR
 
 PACKAGE = "ros2_posenet"
 NODE_NAME = "posenet_node"
@@ -70,6 +75,7 @@ class LaunchPlan:
     respawn_delay: float = 2.0
     rviz_config: str | None = None  # path of the generated RViz config, when rviz:=true
     use_sim_time: bool | None = None
+    node_parameters: dict = field(default_factory=dict)  # what the node will read: params_file, then the overrides
 
 
 def typed(name: str, text: str):
@@ -160,6 +166,7 @@ def plan_launch(values: dict[str, str], find_share: Callable[[str], str] | None 
         respawn=typed_flags["respawn"],
         respawn_delay=typed_flags["respawn_delay"],
         use_sim_time=overrides.get("use_sim_time"),
+        node_parameters={**from_file, **overrides},
     )
     if typed_flags["rviz"]:
         _require(find_share, "rviz2", "install it (apt install ros-$ROS_DISTRO-rviz2) or launch with rviz:=false")
@@ -175,6 +182,27 @@ def plan_launch(values: dict[str, str], find_share: Callable[[str], str] | None 
             handle.write(text)
         plan.rviz_config = handle.name
     return plan
+
+
+def require_node_files(plan: LaunchPlan) -> None:
+    """LaunchPlanError unless ``checkpoint`` names a file (and ``map_file`` too, when set).
+
+    Checked before the node starts: a node without its checkpoint exits at once with code 2,
+    which ``ros2 launch`` would report as success and ``respawn:=true`` would repeat forever.
+    """
+    checkpoint = str(plan.node_parameters.get("checkpoint") or "")
+    if not checkpoint:
+        raise LaunchPlanError("no checkpoint: pass checkpoint:=/path/model.pt (a .pt written by `train`) or set checkpoint in params_file")
+    for name, value in (("checkpoint", checkpoint), ("map_file", str(plan.node_parameters.get("map_file") or ""))):
+        if value and not os.path.isfile(value):
+            raise LaunchPlanError(f"{name} {value} does not exist (launch argument {name}:= or params_file; relative paths are from {os.getcwd()})")
+
+
+def configuration_exit_problem(returncode: int | None, node: str) -> str | None:
+    """Why launch must stop instead of respawning ``node`` (it exited because its parameters or checkpoint are unusable)."""
+    if returncode != EXIT_CONFIGURATION_ERROR:
+        return None
+    return f"{node} cannot start (exit code {returncode}: its parameters or checkpoint are unusable, see its FATAL line); not respawning it"
 
 
 def _require(find_share: Callable[[str], str], package: str, advice: str) -> str:

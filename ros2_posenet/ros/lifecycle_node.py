@@ -6,8 +6,8 @@ It starts *unconfigured* and does nothing until its lifecycle manager (or
 * configure: read and check the parameters, load the checkpoint (and its map frame), create
   the publishers and the ``~/relocalize`` / ``~/enable`` services; a bad parameter or
   checkpoint makes the transition fail (logged), the node stays unconfigured;
-* activate: start the inference worker and subscribe to images (and odometry);
-* deactivate: unsubscribe and stop the worker (the frame in flight is finished first);
+* activate: start the inference and refinement workers and subscribe to images (and odometry, CameraInfo);
+* deactivate: unsubscribe and stop the workers (the frames in flight are finished first);
 * cleanup: destroy publishers and services and free the model and its GPU memory;
 * shutdown: deactivate and clean up from any state.
 

@@ -15,12 +15,12 @@ import numpy as np
 
 from ..geometry import matrix_to_pose, pose_to_matrix
 from ..inference import PosePrediction
-from ..geometric.refiner import RefinementConfig, RefinementResult, Refiner
+from ..geometric.refiner import STATUS_FALLBACK, STATUS_REFINED, RefinementConfig, RefinementResult, Refiner
 from ..geometric.scene_map import SceneMap
 from .camera_info import CameraInfoBuffer, CameraInfoError, CameraIntrinsics, intrinsics_mismatch
 
 # Outcome of one frame, also the node's counter names ("refine_<status>").
-REFINED, FALLBACK, NO_CAMERA_INFO = "refined", "fallback", "no_camera_info"
+REFINED, FALLBACK, NO_CAMERA_INFO = STATUS_REFINED, STATUS_FALLBACK, "no_camera_info"
 
 
 @dataclass
@@ -38,7 +38,8 @@ class _Undistorter:
         self._key = None
         self._maps = None
 
-    def __call__(self, rgb: np.ndarray, intrinsics: CameraIntrinsics) -> np.ndarray:
+    def __call__(self, rgb: np.ndarray, intrinsics: CameraIntrinsics, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+        """``interpolation``: cv2.INTER_NEAREST for depth (no blending across edges); make-dataset's depth uses it."""
         if intrinsics.distortion.size == 0 or not np.any(intrinsics.distortion):
             return rgb
         key = (intrinsics.K.tobytes(), intrinsics.distortion.tobytes(), rgb.shape[:2])
@@ -46,7 +47,7 @@ class _Undistorter:
             size = (rgb.shape[1], rgb.shape[0])
             self._maps = cv2.initUndistortRectifyMap(intrinsics.K, intrinsics.distortion, None, intrinsics.K, size, cv2.CV_16SC2)
             self._key = key
-        return cv2.remap(rgb, *self._maps, interpolation=cv2.INTER_LINEAR)
+        return cv2.remap(rgb, *self._maps, interpolation=interpolation)
 
 
 class NodeRefinement:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import rclpy
-from geometry_msgs.msg import PoseStamped
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -60,6 +60,7 @@ class Received:
 class ReplayResult:
     sent: dict[int, float] = field(default_factory=dict)  # stamp_ns -> publish time (perf_counter)
     received: dict[int, Received] = field(default_factory=dict)
+    verified: dict[int, Received] = field(default_factory=dict)  # the map-verified poses (verified_topic), by stamp
     duration_s: float = 0.0
 
     @property
@@ -73,7 +74,8 @@ class ReplayResult:
 class ImageReplayer(Node):
     """Publishes images and listens for the relocalisation node's PoseStamped answers."""
 
-    def __init__(self, image_topic: str, pose_topic: str, frame_id: str = "camera_optical", camera_info_topic: str | None = None):
+    def __init__(self, image_topic: str, pose_topic: str, frame_id: str = "camera_optical", camera_info_topic: str | None = None,
+                 verified_topic: str | None = None):
         super().__init__("posenet_image_replayer")
         self.frame_id = frame_id
         self.result = ReplayResult()
@@ -81,6 +83,8 @@ class ImageReplayer(Node):
         # Reliable publishers match both reliable and best-effort (sensor-data) subscribers.
         self.publisher = self.create_publisher(Image, image_topic, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
         self.create_subscription(PoseStamped, pose_topic, self._on_pose, 10)
+        if verified_topic is not None:
+            self.create_subscription(PoseWithCovarianceStamped, verified_topic, self._on_verified, 10)
         self.camera_info_publisher = None if camera_info_topic is None else self.create_publisher(
             CameraInfo, camera_info_topic, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         )
@@ -94,6 +98,12 @@ class ImageReplayer(Node):
         with self._arrived:
             self.result.received[key] = Received(matrix_from_pose_msg(msg.pose), msg.header.frame_id, now - sent)
             self._arrived.notify_all()
+
+    def _on_verified(self, msg: PoseWithCovarianceStamped) -> None:
+        key = stamp_ns(msg.header.stamp)
+        sent = self.result.sent.get(key)
+        if sent is not None:
+            self.result.verified[key] = Received(matrix_from_pose_msg(msg.pose.pose), msg.header.frame_id, time.perf_counter() - sent)
 
     def wait_for_subscriber(self, timeout_s: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -125,6 +135,8 @@ def replay_images(
     first_stamp_ns: int = 1_700_000_000_000_000_000,
     intrinsics=None,
     camera_info_topic: str | None = None,
+    verified_topic: str | None = None,
+    settled=None,
 ) -> ReplayResult:
     """Send ``images`` (an iterable of HxWx3 uint8 RGB) and collect the answers.
 
@@ -134,9 +146,11 @@ def replay_images(
     ``nodes`` (e.g. the relocalisation node) are spun together with the replayer in
     one multi-threaded executor. With ``rate_hz`` None each image waits for its
     answer (latency without queueing); otherwise images are sent at that rate and
-    the node is free to drop frames it cannot keep up with.
+    the node is free to drop frames it cannot keep up with. ``verified_topic``: also record the
+    node's map-verified poses (``ReplayResult.verified``); ``settled(n, result)``: with ``rate_hz`` None,
+    also wait until it is true for the n images sent so far (e.g. the node's refiner is done with them).
     """
-    replayer = ImageReplayer(image_topic, pose_topic, camera_info_topic=camera_info_topic)
+    replayer = ImageReplayer(image_topic, pose_topic, camera_info_topic=camera_info_topic, verified_topic=verified_topic)
     intrinsics = iter(intrinsics) if intrinsics is not None else None
     # One executor thread: callbacks here are tiny, and more Python threads only fight the
     # node's inference worker for the GIL and the two cores.
@@ -157,6 +171,9 @@ def replay_images(
                 time.sleep(max(0.0, start + (i + 1) * period - time.perf_counter()))
             else:
                 replayer.wait_for(key, timeout_s)
+                deadline = time.monotonic() + timeout_s
+                while settled is not None and not settled(i + 1, replayer.result) and time.monotonic() < deadline:
+                    time.sleep(0.005)
             if on_progress:
                 on_progress(i)
         if rate_hz and replayer.result.sent:

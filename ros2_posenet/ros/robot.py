@@ -6,7 +6,9 @@ entry points are called from three threads: :meth:`admit` from the image callbac
 :meth:`on_relocalized` from the inference worker after each published pose, and the service
 callbacks from the executor. ``~/relocalize`` hands the newest received image (kept even while
 paused or rate-capped) to the worker and waits for its answer: the worker needs nothing from the
-executor, so this works under a single-threaded executor too. (An ``async`` callback awaiting the
+executor, so this works under a single-threaded executor too. An image already answered is not
+relocalised again (a measurement is published once): the call answers at once with the last
+relocalised pose, since a blocked single-threaded executor could not deliver a newer image. (An ``async`` callback awaiting the
 worker would not: rclpy's executors re-run a pending coroutine instead of waiting for new messages.)
 """
 from __future__ import annotations
@@ -48,12 +50,31 @@ class RobotInterfaces:
         s = node._settings
         self._lock = threading.Lock()
         self._waiting: list[_Answer] = []  # ~/relocalize calls waiting for the next relocalised frame
+        self._last: tuple | None = None  # on_relocalized's arguments for the newest relocalised frame
         self._latest_image = None  # the newest image received, admitted or not
-        self._seeded_once = False
+        self._seeded_once = False  # `once` has seeded (reset whenever initial_pose becomes once)
+        self._mode = s.initial_pose
         self._limiter = RateLimiter(s.max_rate_hz)
-        self.initial_pose_pub = node.create_publisher(PoseWithCovarianceStamped, s.initial_pose_topic, INITIAL_POSE_QOS)
+        self._pub_lock = threading.Lock()  # the worker seeds while a parameter change may remove the publisher
+        self.initial_pose_pub = None  # advertised only in once / on_request (an outside client picks topics by type)
+        self._sync_initial_pose_publisher(s)
         self._relocalize_srv = node.create_service(Trigger, "~/relocalize", self._on_relocalize)
         self._enable_srv = node.create_service(SetBool, "~/enable", self._on_enable)
+
+    def on_settings(self, s) -> None:
+        """After a parameter change (executor thread): (un)advertise /initialpose, re-arm `once`."""
+        if s.initial_pose == "once" and self._mode != "once":
+            self._seeded_once = False  # switching to once seeds again, whatever on_request did before
+        self._mode = s.initial_pose
+        self._sync_initial_pose_publisher(s)
+
+    def _sync_initial_pose_publisher(self, s) -> None:
+        with self._pub_lock:
+            if s.initial_pose == "off" and self.initial_pose_pub is not None:
+                self._node.destroy_publisher(self.initial_pose_pub)
+                self.initial_pose_pub = None
+            elif s.initial_pose != "off" and self.initial_pose_pub is None:
+                self.initial_pose_pub = self._node.create_publisher(PoseWithCovarianceStamped, s.initial_pose_topic, INITIAL_POSE_QOS)
 
     # ------------------------------------------------------------------ image callback (executor thread)
 
@@ -84,20 +105,30 @@ class RobotInterfaces:
         ``refined``: whether the geometric stage verified the pose (None: no map loaded).
         """
         s = self._node._settings
+        pose = (T_map_base, covariance, map_frame, stamp, refined)
         with self._lock:
             waiting, self._waiting = self._waiting, []
-        due = (s.initial_pose == "once" and not self._seeded_once) or (waiting and s.initial_pose != "off")
-        seeded, seed_note = False, "initial_pose off"
-        if due:
-            seeded, seed_note = self._seed(s, T_map_base, covariance, map_frame, stamp, refined)
-            if seeded:
-                self._seeded_once = True
+            self._last = pose
+        if s.initial_pose == "once" and not self._seeded_once and not waiting:
+            self._seed_once(s, pose)
         if waiting:
-            verified = "" if refined is None else ("; verified by the map" if refined else "; not verified by the map (regressor only)")
-            text = f"{describe_pose(T_map_base, covariance, map_frame, stamp)}{verified}; {s.initial_pose_topic}: {seed_note}"
-            success = seeded or s.initial_pose == "off"
+            success, text = self._answer(s, pose)
             for answer in waiting:
                 answer.set(success, text)
+
+    def _seed_once(self, s, pose: tuple) -> tuple[bool, str]:
+        seeded, note = self._seed(s, *pose)
+        if seeded and s.initial_pose == "once":
+            self._seeded_once = True
+        return seeded, note
+
+    def _answer(self, s, pose: tuple) -> tuple[bool, str]:
+        """A ~/relocalize answer for ``pose`` (on_relocalized's arguments), seeding /initialpose unless off."""
+        seeded, seed_note = self._seed_once(s, pose) if s.initial_pose != "off" else (False, "initial_pose off")
+        T_map_base, covariance, map_frame, stamp, refined = pose
+        verified = "" if refined is None else ("; verified by the map" if refined else "; not verified by the map (regressor only)")
+        text = f"{describe_pose(T_map_base, covariance, map_frame, stamp)}{verified}; {s.initial_pose_topic}: {seed_note}"
+        return seeded or s.initial_pose == "off", text
 
     def _seed(self, s, T_map_base, covariance, map_frame, stamp, refined: bool | None = None) -> tuple[bool, str]:
         if s.initial_pose_require_refined and not refined:
@@ -109,12 +140,15 @@ class RobotInterfaces:
         if rejection:
             self._node._warn_throttled("initial_pose_gate", f"not seeding {s.initial_pose_topic}: {rejection}")
             return False, f"not published, not confident enough ({rejection})"
-        if self.initial_pose_pub.get_subscription_count() == 0:
-            self._node._warn_throttled("initial_pose_nobody", f"not seeding {s.initial_pose_topic}: nobody subscribes (is AMCL running?)")
-            return False, "not published, nobody subscribes"
         T, planar_covariance = planar_initial_pose(T_map_base, covariance)
-        self.initial_pose_pub.publish(messages.pose_with_covariance_stamped(T, planar_covariance, map_frame, stamp))
-        self._node.get_logger().info(f"seeded {self.initial_pose_pub.topic_name}: {describe_pose(T, planar_covariance, map_frame, stamp)}")
+        with self._pub_lock:
+            publisher = self.initial_pose_pub
+            if publisher is None or publisher.get_subscription_count() == 0:
+                self._node._warn_throttled("initial_pose_nobody", f"not seeding {s.initial_pose_topic}: nobody subscribes (is AMCL running?)")
+                return False, "not published, nobody subscribes"
+            publisher.publish(messages.pose_with_covariance_stamped(T, planar_covariance, map_frame, stamp))
+            topic = publisher.topic_name
+        self._node.get_logger().info(f"seeded {topic}: {describe_pose(T, planar_covariance, map_frame, stamp)}")
         return True, "published"
 
     # ------------------------------------------------------------------ services (executor thread)
@@ -133,10 +167,22 @@ class RobotInterfaces:
             response.success = False
             response.message = f"the newest image on {s.image_topic} is {age:.2f} s old (max_image_age {s.max_image_age:g} s): is the camera running?"
             return response
+        answered = self._node.already_answered(msg)
+        with self._lock:
+            last = self._last
+        if answered and last is not None:
+            # Its pose went out already and a measurement is published once: answer with the newest relocalised pose.
+            success, text = self._answer(s, last)
+            response.success = success
+            response.message = (f"the newest image on {s.image_topic} (stamp {messages.stamp_to_seconds(msg.header.stamp):.3f}) was "
+                                f"already relocalised and published, nothing went out again; newest relocalised pose: {text}")
+            return response
         answer = _Answer()
         with self._lock:
             self._waiting.append(answer)
-        self._node._on_image(msg)  # relocalise the newest image now, paused or rate-capped
+        if not answered:  # relocalise the newest image now, paused or rate-capped
+            self._node._on_image(msg)
+        # else: a map's refiner is still on it; its outcome answers
         if not answer.done.wait(s.relocalize_timeout):
             self._withdraw(answer)
             answer.set(False, f"no image relocalised within relocalize_timeout {s.relocalize_timeout:g} s (dropped? see the node's warnings)")
@@ -170,7 +216,10 @@ class RobotInterfaces:
         self.cancel_pending("node is shutting down or being cleaned up")
         self._node.destroy_service(self._relocalize_srv)
         self._node.destroy_service(self._enable_srv)
-        self._node.destroy_publisher(self.initial_pose_pub)
+        with self._pub_lock:
+            if self.initial_pose_pub is not None:
+                self._node.destroy_publisher(self.initial_pose_pub)
+            self.initial_pose_pub = None
 
 
 class _Answer:

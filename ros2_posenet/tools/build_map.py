@@ -12,8 +12,14 @@ points observed in each image) or ``triangulation`` (matches between keyframes
 with their known poses; needs no depth, :mod:`ros2_posenet.geometric.triangulation`).
 ``--agreement N`` keeps only points that N keyframes place at the same spot. For depth
 not exactly registered to colour (the real 7-Scenes) use ``--points triangulation``:
-bench/RESULTS.md measures both on a deliberately shifted depth. The covariance
-scale is calibrated on ``--calibrate`` held-out training images (not keyframes).
+bench/RESULTS.md measures both on a deliberately shifted depth.
+
+The covariance of refined poses is calibrated on ``--calibrate`` training images refined
+against a map that does not contain their part of the trajectory (``--calibrate-split``:
+whole training sequences left out in turn where there are at least three, else
+``--calibrate-folds`` blocks of ``--calibrate-block`` consecutive frames; ``between-keyframes``
+is the old, flattering choice), so it describes a new run rather than the frames between
+keyframes. The map stores the fitted model and how it was calibrated (``calibration``).
 """
 from __future__ import annotations
 
@@ -27,14 +33,14 @@ import numpy as np
 
 from ..geometric.features import FEATURE_TYPES, FeatureConfig
 from ..geometric.map_builder import (
-    POINT_CHOICES, build_scene_map, calibrate, default_point_source, held_out_indices, open_dataset, pose_matrix,
+    CALIBRATION_SPLITS, POINT_CHOICES, build_scene_map, calibrate_held_out, default_point_source, open_dataset, pose_matrix,
 )
 from ..geometric.scene_map import MapError, filter_by_agreement, select_keyframes
 
 
 def build_parser() -> argparse.ArgumentParser:
     f = FeatureConfig()
-    p = argparse.ArgumentParser(prog="build-map", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="posenet-build-map", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="dataset kind: 7scenes (synthetic scenes too), cambridge, bundler or posed "
                    "(photographs with known cameras and no depth, Strecha format)")
     p.add_argument("--root", required=True, type=Path, help="scene folder")
@@ -51,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-angle", type=float, default=15.0, help="... or degrees of viewing direction")
     p.add_argument("--agreement", type=int, default=1,
                    help="keep points that this many keyframes agree on (1: all; 2-3 for misregistered depth)")
-    p.add_argument("--calibrate", type=int, default=40, help="held-out training images for the covariance scale (0: none)")
+    p.add_argument("--calibrate", type=int, default=60,
+                   help="training images refined against the map without their part of the trajectory, to "
+                        "calibrate the covariance (0: none)")
+    p.add_argument("--calibrate-split", choices=CALIBRATION_SPLITS, default="auto",
+                   help="what is left out of the map in turn: whole sequences (auto: with >= 3) or blocks of "
+                        "consecutive frames; between-keyframes: non-keyframes against the whole map (flattering)")
+    p.add_argument("--calibrate-folds", type=int, default=5, help="sequences or blocks left out in turn")
+    p.add_argument("--calibrate-block", type=int, default=15, help="consecutive frames per block (split blocks)")
     p.add_argument("--map-frame", default="map", help="frame id of the map (the checkpoint's map frame)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -64,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.suffix != ".npz":
             raise ValueError(f"--out must end in .npz, got {args.out}")
-        if args.agreement < 1 or args.calibrate < 0:
-            raise ValueError("--agreement must be >= 1 and --calibrate >= 0")
+        if args.agreement < 1 or args.calibrate < 0 or args.calibrate_folds < 1 or args.calibrate_block < 1:
+            raise ValueError("--agreement, --calibrate-folds and --calibrate-block must be >= 1 and --calibrate >= 0")
         features = FeatureConfig(type=args.features, max_features=args.max_features, max_image_size=args.max_image_size)
         dataset = open_dataset(args.dataset, args.root, args.split)
         points = default_point_source(dataset) if args.points == "auto" else args.points
@@ -79,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         build_seconds = time.perf_counter() - start
         calibration = {}
         if args.calibrate:
-            calibration = calibrate(scene_map, dataset, held_out_indices(len(dataset), keyframes, args.calibrate))
+            calibration = calibrate_held_out(scene_map, dataset, keyframes, args.calibrate, args.calibrate_split,
+                                             args.calibrate_folds, args.calibrate_block, progress=not args.quiet)
         scene_map.metadata.update({
             "dataset": args.dataset, "root": str(args.root), "split": args.split,
             "keyframe_spacing": {"min_distance_m": args.min_distance, "min_angle_deg": args.min_angle},
@@ -92,10 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     s = scene_map.summary()
     print(f"wrote {path}: {s['keyframes']} keyframes, {s['points']} points "
           f"({s['points_per_keyframe_median']:.0f} per keyframe), {path.stat().st_size / 1e6:.1f} MB, "
-          f"built in {build_seconds:.1f} s" + (f"; covariance scale {calibration['covariance_scale']:.2f} from "
-                                              f"{calibration['refined']}/{calibration['frames']} held-out images"
-                                              if calibration else ""))
+          f"built in {build_seconds:.1f} s" + (f"; {describe_calibration(calibration)}" if calibration else ""))
     return 0
+
+
+def describe_calibration(calibration: dict) -> str:
+    """One line: the fitted covariance model, on what, and its coverage there."""
+    m, fit = calibration["model"], calibration.get("fit") or {}
+    line = (f"covariance calibrated {calibration['method']} on {calibration['refined']}/{calibration['frames']} refined "
+            f"images: scale {m['position_scale']:.3g}/{m['rotation_scale']:.3g} + floor {m['position_floor_m'] * 100:.2g} cm/"
+            f"{np.degrees(m['rotation_floor_rad']):.2g}°, cross terms x{m['cross']:.2f}")
+    if fit:
+        line += (f"; inside the 95 % bound there: position {fit['position_within_95']:.0%}, rotation "
+                 f"{fit['rotation_within_95']:.0%}, 6-DoF {fit['joint_within_95']:.0%}")
+    return line
 
 
 if __name__ == "__main__":

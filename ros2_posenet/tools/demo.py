@@ -108,6 +108,9 @@ def replay_through_node(checkpoint: str, kind: str, scene_dir: Path, rate_hz: fl
             on_progress=lambda i: (i + 1) % ticks == 0 and say(f"  replayed {i + 1}/{len(dataset)}"),
             intrinsics=(dataset.intrinsics(i) for i in range(len(dataset))) if map_file else None,
             camera_info_topic="/demo/camera/camera_info" if map_file else None,
+            # The map-verified poses have their own topic; each image waits until the refiner is done with it.
+            verified_topic=node.resolve_topic_name("posenet/verified/pose_with_covariance") if map_file else None,
+            settled=(lambda n, result: refiner_done(node, n, result)) if map_file else None,
         )
         counts = node.counters()
     finally:
@@ -121,13 +124,24 @@ def replay_through_node(checkpoint: str, kind: str, scene_dir: Path, rate_hz: fl
     return summary, rows
 
 
+# Every frame the node's refiner finished with ends in one of these counters.
+REFINE_OUTCOMES = ("refine_refined", "refine_fallback", "refine_no_camera_info", "refine_error", "refine_skipped")
+
+
+def refiner_done(node, n: int, result) -> bool:
+    """The node's refiner finished the first ``n`` images, and their verified poses arrived."""
+    counts = node.counters()
+    return sum(counts.get(k, 0) for k in REFINE_OUTCOMES) >= n and len(result.verified) >= counts.get("verified_published", 0)
+
+
 def compare_with_ground_truth(result, dataset) -> tuple[dict, list]:
-    """Errors of the node's camera poses (REP-103 body frame) against the dataset's poses."""
+    """Errors of the node's camera poses (REP-103 body frame; identity camera_to_base, so also its base
+    poses) against the dataset's poses: the map-verified pose where there is one, else the regressor's."""
     rows, pos_err, rot_err = [], [], []
     for i, key in enumerate(sorted(result.sent)):
         record = dataset.samples[i]
         true_body = optical_pose_to_body(pose_to_matrix(record.position, record.rotation))
-        got = result.received.get(key)
+        got = result.verified.get(key) or result.received.get(key)
         if got is None:
             rows.append({"frame": i, "answered": False})
             continue
@@ -200,7 +214,7 @@ def write_report(run_dir: Path, scene: dict, training: dict, evaluation: dict, n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="posenet-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="run folder (default runs/demo-<time>)")
     p.add_argument("--scene", type=Path, default=REPO / "runs" / "scene-synthetic", help="synthetic scene folder (reused if present)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config")

@@ -40,7 +40,7 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="export", description=__doc__.split("\n\n")[0].replace("``", ""))
+    parser = argparse.ArgumentParser(prog="posenet-export", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("checkpoint", help="ros2_posenet checkpoint (.pt) written by train")
     parser.add_argument("--out-prefix", help="output path without suffix (default: the checkpoint path without .pt)")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write (default: both)")

@@ -11,6 +11,8 @@ serialised by rclpy):
 * ``pose_with_covariance_topic`` (``PoseWithCovarianceStamped``): the same with the
   calibrated covariance carried over to the base;
 * ``camera_pose_topic`` (``PoseStamped``): the camera body frame (REP-103) in the map;
+* ``verified_pose_topic`` (``PoseWithCovarianceStamped``), with ``--map``: the frames the scene map
+  verified, with their geometric covariance;
 * ``/tf`` per ``tf_mode``: ``map_to_camera`` (map → camera_frame), ``map_to_odom``
   (map → odom, with odom → base from the bag's ``nav_msgs/Odometry`` or ``/tf``) or
   ``none``; ``/tf_static`` once with ``publish_camera_to_base_tf``.
@@ -21,7 +23,8 @@ flags named like them, e.g. ``--camera-to-base 0.1 0 0.3 0 0.2 0``); command-lin
 win. Optionally the base trajectory is also written as CSV
 (``timestamp,bag_time_ns,frame_id,child_frame_id,x,y,z,qx,qy,qz,qw``) and TUM
 (``timestamp tx ty tz qx qy qz qw``), timestamps = header stamps in seconds, values
-exactly those of the ``pose_topic`` messages.
+exactly those of the ``pose_topic`` messages, or with a map those of ``verified_pose_topic`` where the
+map verified the frame.
 
 Frames the node would drop (undecodable, too large, zero/negative stamp, non-finite
 pose) are skipped, named by their header stamp, and counted. Outputs are written to temporary paths beside their
@@ -57,17 +60,19 @@ from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer, WriterEr
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.typesys import Stores, get_typestore
 
-from ..backends import BACKENDS, PRECISIONS, BackendUnavailableError
+from ..backends import BackendUnavailableError
 from ..checkpoint import CheckpointError
-from ..frames import CameraMount, PoseHistory, RelocalizedPoses, map_to_odom
+from ..frames import CameraMount, PoseHistory, RelocalizedPoses
 from ..inference import PosePrediction, Relocalizer, finite_rows
 from ..ros import messages
 from ..geometric.refiner import RefinementConfig
-from ..ros.camera_info import CameraInfoError
+from ..ros.camera_info import CameraInfoError, stamp_gap_problem
 from ..ros.image import ImageConversionError, msg_to_rgb
 from ..ros.refinement import REFINED, NodeRefinement
 from ..geometric.scene_map import MapError
-from ..ros.node import NODE_NAME, ODOM_SOURCES, PARAMETERS, TF_MODES, TF_QOS, TF_STATIC_QOS, camera_info_topic_of, validate_parameter
+from ..ros import outputs
+from ..ros.outputs import TF_QOS, TF_STATIC_QOS
+from ..ros.parameters import NODE_NAME, PARAMETERS, NodeSettings, add_parameter_flag, camera_info_topic_of, type_problem, validate_parameter
 
 log = logging.getLogger("relocalize-bag")
 
@@ -84,7 +89,7 @@ BAG_PARAMETERS = tuple(name for name in (
     "checkpoint", "device", "backend", "precision", "compile", "cuda_graph", "cpu_threads", "image_topic", "uncertainty", "mc_samples",
     "max_image_pixels", "map_frame", "odom_frame", "base_frame", "camera_frame", "camera_to_base",
     "publish_camera_to_base_tf", "tf_mode", "odom_source", "odom_topic", "odom_tolerance", "transform_tolerance",
-    "pose_topic", "pose_with_covariance_topic", "camera_pose_topic",
+    "pose_topic", "pose_with_covariance_topic", "camera_pose_topic", "verified_pose_topic",
     "map_file", "refine", "refine_config", "camera_info_topic", "camera_info_tolerance",
 ) if name in _SPECS)
 # Where the tool's default differs from the node's: offline, onnxruntime is the faster CPU choice.
@@ -103,7 +108,7 @@ class UsageError(ValueError):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="relocalize-bag",
+        prog="posenet-relocalize-bag",
         description=__doc__.split("\n\n")[0].replace("``", ""),
         epilog="Parameters not given default to the params file's, then to the node's (posenet_node --help), "
         "except backend (auto). Relative topic names resolve in the root namespace, as for a node started without one. "
@@ -111,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("input", help="input rosbag2 (directory, or a .mcap/.db3 file)")
     parser.add_argument("--out", required=True, help="output bag directory")
-    parser.add_argument("--csv", help="also write the base trajectory (pose_topic) as CSV")
+    parser.add_argument("--csv", help="also write the base trajectory (pose_topic; with a map the verified pose where there is one) as CSV")
     parser.add_argument("--tum", help="also write the base trajectory (pose_topic) in TUM format")
     parser.add_argument("--overwrite", action="store_true", help="replace existing --out/--csv/--tum (default: refuse)")
     parser.add_argument("--params-file", help="the node's parameters YAML (e.g. config/posenet.yaml)")
@@ -120,28 +125,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--topic", dest="image_topic", help="Image or CompressedImage topic (node parameter image_topic)")
     parser.add_argument("--checkpoint", help=_SPECS["checkpoint"].description)
     parser.add_argument("--device", help=_SPECS["device"].description)
-    parser.add_argument("--compile", action="store_true", default=None, help=_SPECS["compile"].description)
+    add_parameter_flag(parser, "compile")
     parser.add_argument("--map", "--map-file", dest="map_file", help=_SPECS["map_file"].description + " The bag must hold the images' CameraInfo (camera_info_topic).")
     for name in BAG_PARAMETERS:
         if name not in SPECIAL_FLAGS:
-            _add_parameter_flag(parser, name)
+            add_parameter_flag(parser, name)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     return args
-
-
-def _add_parameter_flag(parser: argparse.ArgumentParser, name: str) -> None:
-    """``--name-with-dashes`` for node parameter ``name``, typed after its default."""
-    spec = _SPECS[name]
-    flag, default = "--" + name.replace("_", "-"), spec.default
-    choices = {"backend": BACKENDS, "precision": PRECISIONS, "tf_mode": TF_MODES, "odom_source": ODOM_SOURCES}.get(name)
-    if isinstance(default, bool):
-        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=spec.description)
-    elif isinstance(default, list):
-        parser.add_argument(flag, dest=name, type=float, nargs=len(default), metavar=("X", "Y", "Z", "ROLL", "PITCH", "YAW"), help=spec.description)
-    else:
-        parser.add_argument(flag, dest=name, type=type(default), choices=choices, help=spec.description)
 
 
 def load_params_file(path: str) -> dict:
@@ -163,21 +155,6 @@ def load_params_file(path: str) -> dict:
     return values
 
 
-def _type_problem(name: str, value) -> str | None:
-    """The node declares parameters with the type of their default; reject what it would reject."""
-    default = _SPECS[name].default
-    if name == "compile" and isinstance(value, (bool, str)):
-        return None
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "must be true or false"
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else "must be a number"
-    if isinstance(default, list):
-        return None if isinstance(value, (list, tuple)) else "must be a list"
-    return None if isinstance(value, str) else "must be a string"
-
-
 def resolve_parameters(args: argparse.Namespace) -> dict:
     """The node's parameters for this run: node defaults < tool defaults < params file < flags; validated like the node."""
     values = {name: _SPECS[name].default for name in BAG_PARAMETERS} | BAG_DEFAULTS
@@ -193,19 +170,17 @@ def resolve_parameters(args: argparse.Namespace) -> dict:
     values.update({name: getattr(args, name) for name in BAG_PARAMETERS if getattr(args, name, None) is not None})
     problems = []
     for name in BAG_PARAMETERS:
-        problem = _type_problem(name, values[name]) or validate_parameter(name, values[name])
+        problem = type_problem(name, values[name]) or validate_parameter(name, values[name])
         if problem and not (name == "checkpoint" and not values[name]):
             problems.append(f"{name} = {values[name]!r}: {problem}")
     if problems:
         raise UsageError("bad parameters: " + "; ".join(problems))
     if not values["checkpoint"]:
         raise UsageError("no checkpoint: pass --checkpoint FILE (or set checkpoint in --params-file)")
-    if values["publish_camera_to_base_tf"] and values["tf_mode"] == "map_to_camera":
-        raise UsageError(
-            "publish_camera_to_base_tf with tf_mode map_to_camera would give camera_frame two TF parents "
-            "(map and base_frame); use tf_mode map_to_odom or none"
-        )
-    for name in ("image_topic", "odom_topic", "pose_topic", "pose_with_covariance_topic", "camera_pose_topic"):
+    problem = outputs.camera_to_base_tf_problem(values["tf_mode"], values["publish_camera_to_base_tf"])
+    if problem:
+        raise UsageError(problem)
+    for name in ("image_topic", "odom_topic", "pose_topic", "pose_with_covariance_topic", "camera_pose_topic", "verified_pose_topic"):
         values[name] = absolute_topic(values[name])
     values["mount"] = CameraMount.from_xyz_rpy([float(v) for v in values["camera_to_base"]])
     return values
@@ -230,6 +205,7 @@ class Frame:
     stamp: Time  # header stamp: names the frame and stamps every output
     rgb: np.ndarray  # HxWx3 uint8, the camera image (for per-frame refinement)
     crop: np.ndarray  # (crop, crop, 3) uint8 RGB network input
+    verified: PosePrediction | None = None  # the pose the map verified (with a map), else None
 
     @property
     def timestamp(self) -> str:
@@ -357,39 +333,56 @@ def relocalize(
 
 
 class NodeOutputs:
-    """The messages ``posenet_node`` publishes for one relocalised frame, as ``(topic, message)`` pairs."""
+    """The messages ``posenet_node`` publishes for one relocalised frame, as ``(topic, message)`` pairs.
+
+    Built by the node's own :mod:`ros2_posenet.ros.outputs`: the regressor's poses and TF, and, where
+    the map verified the frame, its pose on ``verified_pose_topic`` (offline every frame is refined;
+    the node refines the newest frame whenever its refiner is free).
+    """
 
     def __init__(self, params: dict, map_frame: str, odometry: PoseHistory | None, counts: Counter):
         self.params, self.map_frame, self.odometry, self.counts = params, map_frame, odometry, counts
+        self.settings = NodeSettings.from_parameters({name: params[name] for name in BAG_PARAMETERS})
 
     def __call__(self, frame: Frame, poses: RelocalizedPoses) -> list[tuple[str, object]]:
-        p = self.params
+        s = self.settings
         pose, pose_cov, camera_pose = messages.relocalization_poses(poses, self.map_frame, frame.stamp)
-        out = [(p["pose_topic"], pose), (p["pose_with_covariance_topic"], pose_cov), (p["camera_pose_topic"], camera_pose)]
+        out = [(s.pose_topic, pose), (s.pose_with_covariance_topic, pose_cov), (s.camera_pose_topic, camera_pose)]
         transform = self.transform(frame, poses)
         if transform is not None:
             out.append(("/tf", messages.tf_message([transform])))
+        verified = self.verified_poses(frame)
+        if verified is not None:
+            out.append((s.verified_pose_topic, messages.pose_with_covariance_stamped(verified.T_map_base, verified.base_covariance, self.map_frame, frame.stamp)))
         return out
+
+    def verified_poses(self, frame: Frame) -> RelocalizedPoses | None:
+        p = frame.verified
+        if p is None:
+            return None
+        poses = RelocalizedPoses.from_prediction(p.position, p.quaternion, p.covariance, self.settings.mount)
+        return poses if poses.is_finite else None
+
+    def trajectory_pose(self, frame: Frame, poses: RelocalizedPoses):
+        """The PoseStamped of the trajectory files: the verified pose where the map verified one, else pose_topic's."""
+        verified = self.verified_poses(frame)
+        return messages.pose_stamped((verified or poses).T_map_base, self.map_frame, frame.stamp)
 
     def transform(self, frame: Frame, poses: RelocalizedPoses):
         """The node's TF for ``tf_mode`` (None: none, or no odometry near the stamp, which is counted)."""
-        p = self.params
-        if p["tf_mode"] == "none":
-            return None
-        tf_stamp = messages.shifted_stamp(frame.stamp, float(p["transform_tolerance"]))
-        if p["tf_mode"] == "map_to_camera":
-            return messages.transform_stamped(poses.T_map_camera, self.map_frame, p["camera_frame"], tf_stamp)
-        T_odom_base = self.odometry.lookup(messages.stamp_to_seconds(frame.stamp), float(p["odom_tolerance"]))
-        if T_odom_base is None:
-            self.counts["no odometry (map -> odom not written)"] += 1
-            log.warning("no odometry within odom_tolerance of the image stamped %s: map -> odom not written", frame.timestamp)
-            return None
-        return messages.transform_stamped(map_to_odom(poses.T_map_base, T_odom_base), self.map_frame, p["odom_frame"], tf_stamp)
+        s = self.settings
+        T_odom_base = None
+        if s.tf_mode == "map_to_odom":
+            T_odom_base = self.odometry.lookup(messages.stamp_to_seconds(frame.stamp), s.odom_tolerance)
+            if T_odom_base is None:
+                self.counts["no odometry (map -> odom not written)"] += 1
+                log.warning("no odometry within odom_tolerance of the image stamped %s: map -> odom not written", frame.timestamp)
+                return None
+        return outputs.frame_transform(s, self.map_frame, poses, frame.stamp, T_odom_base)
 
     def static_extrinsic(self, stamp: Time):
         """``/tf_static`` base_frame → camera_frame, as the node sends once with ``publish_camera_to_base_tf``."""
-        p = self.params
-        return messages.tf_message([messages.transform_stamped(p["mount"].T_base_camera, p["base_frame"], p["camera_frame"], stamp)])
+        return messages.tf_message([outputs.static_extrinsic(self.settings, stamp)])
 
 
 # ----------------------------------------------------------------------------- writing
@@ -525,9 +518,9 @@ def run(args: argparse.Namespace) -> Summary:
             if params["map_file"] and params["refine"]:
                 stage = load_refinement(reader, typestore, params, connections)
                 predict = refining_predictor(stage, params["camera_info_tolerance"], summary.notes)
-            outputs = NodeOutputs(params, params["map_frame"] or reloc.map_frame, odometry, summary.notes)
+            node_outputs = NodeOutputs(params, params["map_frame"] or reloc.map_frame, odometry, summary.notes)
             log.info("backend %s (%s, %s); poses in frame '%s', tf_mode %s", reloc.backend_name, reloc.device,
-                     "fp16" if reloc.half else "fp32", outputs.map_frame, params["tf_mode"])
+                     "fp16" if reloc.half else "fp32", node_outputs.map_frame, params["tf_mode"])
             with contextlib.ExitStack() as stack:
                 bag = BagSink(stack.enter_context(open_writer(staged["out"].path, args)), typestore)
                 trajectories = []
@@ -540,11 +533,11 @@ def run(args: argparse.Namespace) -> Summary:
                 results = relocalize(frames, reloc, params["mount"], args.batch_size, summary.skipped, predict)
                 for frame, poses in tqdm(results, total=total, unit="frame", disable=None):
                     if summary.written == 0 and params["publish_camera_to_base_tf"]:
-                        bag.write("/tf_static", outputs.static_extrinsic(frame.stamp), frame.bag_time)
-                    topic_messages = outputs(frame, poses)
+                        bag.write("/tf_static", node_outputs.static_extrinsic(frame.stamp), frame.bag_time)
+                    topic_messages = node_outputs(frame, poses)
                     for topic, msg in topic_messages:
                         bag.write(topic, msg, frame.bag_time)
-                    pose_msg = topic_messages[0][1]  # pose_topic: the trajectories are exactly its poses
+                    pose_msg = node_outputs.trajectory_pose(frame, poses)
                     for write in trajectories:
                         write(frame, pose_msg)
                     summary.written += 1
@@ -557,38 +550,83 @@ def run(args: argparse.Namespace) -> Summary:
     return summary
 
 
-def load_refinement(reader: Reader, typestore, params: dict, image_connections: list) -> NodeRefinement:
-    """The node's refinement stage on ``map_file``, with every CameraInfo of the bag in its buffer."""
+def load_refinement(reader: Reader, typestore, params: dict, image_connections: list) -> "BagRefinement":
+    """The node's refinement stage on ``map_file``, fed the bag's CameraInfo as the images come."""
     compressed = any(c.msgtype == IMAGE_TYPES[1] for c in image_connections)
     topic = absolute_topic(params["camera_info_topic"] or camera_info_topic_of(params["image_topic"], compressed))
+    connections = topic_connections(reader, topic, (CAMERA_INFO_TYPE,), "CameraInfo")
+    count = sum(c.msgcount for c in connections)
+    if count == 0:
+        raise UsageError(f"no CameraInfo on {topic}: the refinement needs the images' calibration")
     config = RefinementConfig.from_yaml(params["refine_config"]) if params["refine_config"] else None
     stage = NodeRefinement(params["map_file"], config, warn=log.warning)
-    bad = 0
-    for connection, _, raw in reader.messages(connections=topic_connections(reader, topic, (CAMERA_INFO_TYPE,), "CameraInfo")):
+    log.info("refining against %s (%s) with the %d CameraInfo of %s", params["map_file"], stage.scene_map.summary(), count, topic)
+    return BagRefinement(stage, BagCameraInfos(reader, connections, typestore, stage))
+
+
+class BagCameraInfos:
+    """The bag's CameraInfo handed to the refinement stage in bag order, each before the images recorded after it.
+
+    That is what the node holds when a frame reaches it: the CameraInfo received so far
+    (its buffer keeps the latest 100), never a later one. Read with a second cursor
+    beside the images', so nothing is loaded up front. A CameraInfo recorded at the same
+    time as an image counts as received before it.
+    """
+
+    # A CameraInfo stamped this far from its receive time is reported, as the node reports it (its defaults).
+    MAX_AGE, MAX_AHEAD = _SPECS["max_image_age"].default, _SPECS["future_stamp_tolerance"].default
+
+    def __init__(self, reader: Reader, connections: list, typestore, stage: NodeRefinement):
+        self._messages = reader.messages(connections=connections)
+        self._next = next(self._messages, None)
+        self._typestore, self._stage = typestore, stage
+
+    def receive_until(self, bag_time: int, notes: Counter) -> None:
+        """Give the stage every CameraInfo recorded at or before ``bag_time`` (ns) not given yet."""
+        while self._next is not None and self._next[1] <= bag_time:
+            connection, received, raw = self._next
+            self._receive(connection, received, raw, notes)
+            self._next = next(self._messages, None)
+
+    def _receive(self, connection, received: int, raw, notes: Counter) -> None:
         try:
-            stage.on_camera_info(typestore.deserialize_cdr(raw, connection.msgtype))
-        except (CameraInfoError, ValueError) as err:
-            bad += 1
-            log.warning("ignoring CameraInfo on %s: %s", topic, err)
-    if len(stage.camera_infos) == 0:
-        raise UsageError(f"no usable CameraInfo on {topic} ({bad} unusable): the refinement needs the images' calibration")
-    log.info("refining against %s (%s) with %d CameraInfo from %s", params["map_file"], stage.scene_map.summary(), len(stage.camera_infos), topic)
-    return stage
+            msg = self._typestore.deserialize_cdr(raw, connection.msgtype)
+            self._stage.on_camera_info(msg)
+        except (CameraInfoError, ValueError) as err:  # the node counts these as bad_camera_info
+            notes["bad CameraInfo (ignored)"] += 1
+            if notes["bad CameraInfo (ignored)"] == 1:
+                log.warning("ignoring CameraInfo on %s at bag time %d ns: %s (further ones only counted)", connection.topic, received, err)
+            return
+        age = (received - messages.stamp_nanoseconds(msg.header.stamp)) * 1e-9
+        far = stamp_gap_problem(age, self.MAX_AGE, self.MAX_AHEAD)
+        if far:
+            notes["CameraInfo stamped far from its receive time"] += 1
+            if notes["CameraInfo stamped far from its receive time"] == 1:
+                log.warning("CameraInfo on %s at bag time %d ns %s (further ones only counted)", connection.topic, received, far)
 
 
-def refining_predictor(stage: NodeRefinement, tolerance: float, notes: Counter) -> Predictor:
+@dataclass
+class BagRefinement:
+    stage: NodeRefinement
+    camera_infos: BagCameraInfos
+
+
+def refining_predictor(refinement: BagRefinement, tolerance: float, notes: Counter) -> Predictor:
     """:func:`predict_batch` followed by the node's refinement of each frame (regressor's pose on fallback)."""
 
     def predict(reloc: Relocalizer, frames: list[Frame]) -> list[PosePrediction | None]:
         predictions = predict_batch(reloc, frames)
         for i, (frame, prediction) in enumerate(zip(frames, predictions)):
+            refinement.camera_infos.receive_until(frame.bag_time, notes)
             if prediction is None:
                 continue
-            outcome = stage.refine(frame.rgb, messages.stamp_to_seconds(frame.stamp), prediction, tolerance)
+            stamp = messages.stamp_nanoseconds(frame.stamp) * 1e-9  # as the node computes it, to the last bit
+            outcome = refinement.stage.refine(frame.rgb, stamp, prediction, tolerance)
             notes[f"refinement {outcome.status}"] += 1
             if outcome.status != REFINED:
                 log.info("image stamped %s: refinement %s (%s), regressor's pose kept", frame.timestamp, outcome.status, outcome.reason)
-            predictions[i] = outcome.prediction
+            if outcome.status == REFINED:  # published apart, as the node's refiner does; the regressor's pose stands
+                frame.verified = outcome.prediction
         return predictions
 
     return predict
@@ -599,11 +637,8 @@ def load_relocalizer(params: dict) -> Relocalizer:
         import torch
 
         torch.set_num_threads(int(params["cpu_threads"]))
-    return Relocalizer(
-        params["checkpoint"], device=params["device"], backend=params["backend"], precision=params["precision"],
-        compile=params["compile"], cuda_graph=params["cuda_graph"], checkpoint_setting="--checkpoint",
-        uncertainty=params["uncertainty"] or None, mc_samples=int(params["mc_samples"]) or None,
-    )
+    settings = NodeSettings.from_parameters({name: params[name] for name in BAG_PARAMETERS})
+    return outputs.build_relocalizer(settings, checkpoint_setting="--checkpoint")
 
 
 def open_writer(path: Path, args: argparse.Namespace) -> Writer:

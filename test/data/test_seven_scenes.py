@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -16,13 +17,12 @@ from ros2_posenet.preprocess import PreprocessConfig
 from helpers import TINY_SCENE, project_np, tiny_scene
 
 CONFIG = TINY_SCENE
+HOLOLENS_OFFICE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "hololens-office"
 
 
 @pytest.fixture(scope="module")
 def scene_dir(tmp_path_factory) -> Path:
     return tiny_scene(tmp_path_factory, "sevenscenes")
-
-
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -69,11 +69,49 @@ def test_split_files_are_honoured(scene_dir, tmp_path):
     assert all(r.image_path.parent.name == "seq-02" for r in only_two.samples)
 
 
-def test_kinect_intrinsics_without_intrinsics_file(scene_dir, tmp_path):
+@pytest.mark.parametrize("camera, focal", [("rgb", 525), ("depth", 585)])
+def test_kinect_intrinsics_without_intrinsics_file(scene_dir, tmp_path, camera, focal):
     root = _copy_scene(scene_dir, tmp_path)
     (root / "intrinsics.txt").unlink()
-    K = SevenScenes(root, "test").intrinsics(0)  # 160x120 images: Kinect's 640x480 values scaled by 1/4
-    np.testing.assert_allclose(K, [[585 / 4, 0, 320.5 / 4 - 0.5], [0, 585 / 4, 240.5 / 4 - 0.5], [0, 0, 1]])
+    K = SevenScenes(root, "test", camera=camera).intrinsics(0)  # 160x120 images: Kinect's 640x480 values scaled by 1/4
+    np.testing.assert_allclose(K, [[focal / 4, 0, 320.5 / 4 - 0.5], [0, focal / 4, 240.5 / 4 - 0.5], [0, 0, 1]])
+
+
+def test_jpeg_colour_frames_are_read(scene_dir, tmp_path):
+    """A scene re-encoded as ``frame-*.color.jpg`` loads the same frames, poses and pixels."""
+    root = _copy_scene(scene_dir, tmp_path)
+    for png in root.glob("seq-*/frame-*.color.png"):
+        cv2.imwrite(str(png.with_name(png.name.replace(".png", ".jpg"))), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        png.unlink()
+    png_ds, jpg_ds = SevenScenes(scene_dir, "train", max_points=10), SevenScenes(root, "train", max_points=10)
+    assert [r.name.replace(".jpg", ".png") for r in jpg_ds.samples] == [r.name for r in png_ds.samples]
+    assert all(r.image_path.suffix == ".jpg" for r in jpg_ds.samples)
+    np.testing.assert_allclose(jpg_ds.positions(), png_ds.positions())
+    np.testing.assert_allclose(jpg_ds.visible_points(3, np.random.default_rng(0)), png_ds.visible_points(3, np.random.default_rng(0)))
+    difference = np.abs(jpg_ds.load_image(3).astype(int) - png_ds.load_image(3).astype(int))
+    assert difference.mean() < 6  # JPEG loss only
+
+
+def test_frame_stored_as_png_and_jpeg_is_rejected(scene_dir, tmp_path):
+    root = _copy_scene(scene_dir, tmp_path)
+    png = root / "seq-03" / "frame-000002.color.png"
+    shutil.copy(png, png.with_name("frame-000002.color.jpg"))
+    with pytest.raises(DatasetError, match="frame stored twice"):
+        SevenScenes(root, "test")
+
+
+def test_hololens_office_loads():
+    """The real JPEG scene in ../shared/data: splits, image size, registered intrinsics, depth on surfaces."""
+    if not HOLOLENS_OFFICE.is_dir():
+        pytest.skip(f"real RGB-D scene not found at {HOLOLENS_OFFICE} (see ../shared/data/hololens-office/README.md)")
+    train, test = SevenScenes(HOLOLENS_OFFICE, "train", max_points=200), SevenScenes(HOLOLENS_OFFICE, "test", max_points=200)
+    assert (len(train), len(test)) == (283, 90)
+    assert train.samples[0].image_path.name.endswith(".color.jpg") and test.image_size(0) == (540, 360)
+    np.testing.assert_allclose(test.intrinsics(0)[0], [495.5677570093, 0, 269.5028971963])
+    points = test.visible_points(0, np.random.default_rng(0))
+    uv, depth = project_np(points, test.samples[0].position, test.samples[0].rotation, test.intrinsics(0))
+    assert len(points) == 200 and np.all(depth > 0.1) and np.all(depth < 20)
+    assert np.all((uv > -0.5) & (uv < [539.5, 359.5]))
 
 
 def test_items_and_collate(scene_dir):

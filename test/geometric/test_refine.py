@@ -126,7 +126,8 @@ def test_a_prior_in_the_wrong_place_falls_back_and_says_so(room):
     confirmed = Refiner(room[1], replace(gate_only, neighbourhood_confirms=True)).refine(query(room, T_true), K, far, None)
     assert confirmed.status == "refined" and confirmed.source == "neighbourhood", confirmed.reason
     assert "confirms the pose the gate refused" in confirmed.reason and errors(confirmed.T, T_true)[0] < 0.02
-    assert not set(confirmed.keyframes_used[:4]) & set(confirmed.keyframes_used[4:])
+    (_, made), (_, around) = confirmed.attempts  # keyframes_used is de-duplicated: it could not show an overlap
+    assert not set(made) & set(around)
 
 
 def test_a_wrong_pose_from_a_misregistered_part_of_the_map_is_not_confirmed(room):
@@ -201,7 +202,8 @@ def test_evaluate_with_a_map_adds_refined_rows(tmp_path_factory, tmp_path, capsy
     ckpt = untrained_checkpoint(tmp_path / "model.pt", [0.0, 0.0, 1.2], PreprocessConfig(resize=32, crop=32))
     out = tmp_path / "eval"
     settings = tmp_path / "refine.yaml"  # 160x120 views have few features: lower inlier counts
-    settings.write_text("min_inliers: 12\nretrieval_min_inliers: 15\n")
+    # (and ~50 inliers at 160x120 do not pin the focal length: single frames scatter by 5-80 %, no calibration check)
+    settings.write_text("min_inliers: 12\nretrieval_min_inliers: 15\nmax_focal_error: 0\n")
     assert evaluate_main(["--checkpoint", str(ckpt), "--dataset", "7scenes", "--root", str(root), "--map", str(map_file),
                           "--refine-config", str(settings), "--out", str(out), "--no-plots", "--no-baselines"]) == 0
     table = capsys.readouterr().out

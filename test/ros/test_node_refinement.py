@@ -6,55 +6,26 @@ that guess into the true camera pose, and without CameraInfo the node must keep 
 with the regressor's pose.
 """
 import ros_fixtures
-from ros_fixtures import Probe, image_msg, make_posenet_node, stamp_key, wait_for
+from ros_fixtures import Probe, image_msg, make_posenet_node, stamp_key, stamp_now, wait_for
+from ros_fixtures import latest_diagnostic as diagnostic
+from ros_fixtures import room_camera_info as camera_info
 
 ros_fixtures.isolate_ros_domain()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from builtin_interfaces.msg import Time  # noqa: E402
+from geometry_msgs.msg import PoseWithCovarianceStamped  # noqa: E402
 from sensor_msgs.msg import CameraInfo  # noqa: E402
 
-from helpers import ROOM_K, room_map, room_pose, untrained_checkpoint  # noqa: E402
+from helpers import ROOM_K, room_pose  # noqa: E402
 from ros2_posenet.frames import CameraMount  # noqa: E402
 from ros2_posenet.geometry import rotation_angle_deg_np, matrix_to_pose  # noqa: E402
-from ros2_posenet.preprocess import PreprocessConfig  # noqa: E402
 from ros2_posenet.ros import messages  # noqa: E402
-
-# A broad prior (2 m, ~100°): the regressor knows little, the map must do the work.
-BROAD = {"position_var": [4.0, 4.0, 4.0], "rotation_var": [3.0, 3.0, 3.0], "samples": 10}
-
-
-
 
 @pytest.fixture(scope="module")
 def room(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("refine_node")
-    scene, scene_map = room_map()
-    map_file = scene_map.save(folder / "room.npz")
-    checkpoint = untrained_checkpoint(folder / "ckpt.pt", [-2.5, 0.5, 1.3], PreprocessConfig(resize=72, crop=64), covariance=BROAD)
-    return scene, str(map_file), str(checkpoint)
-
-
-def camera_info(stamp) -> CameraInfo:
-    msg = CameraInfo(width=320, height=240, distortion_model="plumb_bob", k=[float(v) for v in ROOM_K.ravel()], d=[0.0] * 5)
-    msg.header.stamp = stamp
-    return msg
-
-
-def stamp_now(node) -> Time:
-    ns = node.get_clock().now().nanoseconds
-    return Time(sec=ns // 10**9, nanosec=ns % 10**9)
-
-
-def diagnostic(probe, key):
-    """The latest value of ``key`` on /diagnostics (None if not published yet)."""
-    for array in reversed(probe.diagnostics):
-        for status in array.status:
-            for value in status.values:
-                if value.key == key:
-                    return value.value
-    return None
+    files = ros_fixtures.room_files(tmp_path_factory)  # the room, its map, an untrained regressor with a broad prior
+    return files.scene, files.map_file, files.checkpoint
 
 
 def test_camera_info_and_map_turn_the_regressor_guess_into_the_true_pose(context, room):
@@ -77,15 +48,19 @@ def test_camera_info_and_map_turn_the_regressor_guess_into_the_true_pose(context
         for _ in range(3):
             info_pub.publish(camera_info(stamp_now(node)))
         assert wait_for(lambda: len(node._camera_infos) > 0, 5.0)
+        verified = {}  # the map-verified poses have their own topic; the regressor's keep theirs
+        probe.node.create_subscription(PoseWithCovarianceStamped, "posenet/verified/pose_with_covariance", lambda m: verified.__setitem__(stamp_key(m.header.stamp), m), 10)
         stamp = stamp_now(node)
-        assert probe.send(image_msg(rgb, stamp), timeout=20.0), "no answer with CameraInfo"
         key = stamp_key(stamp)
-        T_cam = messages.matrix_from_pose_msg(probe.camera_poses[key].pose)
+        assert probe.send(image_msg(rgb, stamp), answered=lambda: key in verified and key in probe.poses_cov, timeout=20.0), "no verified pose with CameraInfo"
+        T_cam = messages.matrix_from_pose_msg(verified[key].pose.pose)  # identity camera_to_base: base = camera body frame
         T_cam_true = CameraMount().camera_pose(T_true)
         assert np.linalg.norm(T_cam[:3, 3] - T_cam_true[:3, 3]) < 0.05
         assert rotation_angle_deg_np(matrix_to_pose(T_cam)[1], matrix_to_pose(T_cam_true)[1]) < 1.0
         assert np.linalg.norm(guess[:3, 3] - T_cam_true[:3, 3]) > 0.1  # the regressor alone was not there
-        covariance = messages.covariance_from_msg(probe.poses_cov[key])
+        regressor = messages.matrix_from_pose_msg(probe.poses_cov[key].pose.pose)
+        assert np.linalg.norm(regressor[:3, 3] - T_cam_true[:3, 3]) > 0.1  # the main topic keeps the regressor's measurement
+        covariance = messages.covariance_from_msg(verified[key])
         assert np.all(np.diag(covariance)[:3] < 0.01) and np.all(np.diag(covariance)[:3] > 0)
         assert wait_for(lambda: diagnostic(probe, "refine_refined") not in (None, "0"), 5.0)
         assert diagnostic(probe, "map_file") == map_file

@@ -51,14 +51,7 @@ class Robot(RunningNode):
         assert wait_for(lambda: self.node.count_publishers(f"/{self.namespace}/initialpose") > 0 and self._initial_pose_sub is not None)
 
     def call(self, srv_type, name: str, request, timeout: float = 20.0):
-        client = self.probe.node.create_client(srv_type, f"/{self.namespace}/posenet_node/{name}")
-        try:
-            assert client.wait_for_service(timeout_sec=10.0), f"service {name} not offered"
-            future = client.call_async(request)
-            assert wait_for(future.done, timeout), f"service {name} did not answer"
-            return future.result()
-        finally:
-            self.probe.node.destroy_client(client)
+        return ros_fixtures.call_service(self.probe.node, srv_type, f"/{self.namespace}/posenet_node/{name}", request, timeout)
 
     def stamp(self) -> Time:
         ns = self.node.get_clock().now().nanoseconds + self._stamps * 1000  # unique even within one clock tick
@@ -85,7 +78,7 @@ def streaming(r: Robot, images: list, period: float = 0.1, sent: list | None = N
                 sent.append(stamp_key(stamp))
             r.probe.image_pub.publish(image_msg(images[i % len(images)], stamp))
             i += 1
-            time.sleep(period)
+            stop.wait(period)  # the camera's frame period; returns at once when the block ends
 
     streamer = threading.Thread(target=stream)
     streamer.start()
@@ -157,8 +150,8 @@ def test_initial_pose_once_waits_for_a_subscriber_then_seeds_once(start, scene):
         stamps.append(r.stamp())
         assert r.probe.send(image_msg(rgb, stamps[-1]))
     assert wait_for(lambda: len(r.initial_poses) >= 1)
-    time.sleep(0.3)
-    assert len(r.initial_poses) == 1, "initial_pose once seeded more than once"
+    assert r.probe.send(image_msg(scene.images[4], r.stamp()))  # seeds come before the next frame's answer
+    assert not wait_for(lambda: len(r.initial_poses) > 1, 0.5), "initial_pose once seeded more than once"
     seed = r.initial_poses[0]
     assert seed.header.frame_id == "map" and seed.header.stamp == stamps[0]
     pose = r.probe.poses_cov[stamp_key(stamps[0])]  # the full 3-D base pose of that frame
@@ -175,9 +168,9 @@ def test_initial_pose_once_waits_for_a_subscriber_then_seeds_once(start, scene):
 def test_initial_pose_on_request_seeds_only_on_relocalize_and_gates_on_confidence(start, scene):
     r = start("seed_request", checkpoint=str(scene.checkpoint), initial_pose="on_request", initial_pose_max_position_std=100.0, initial_pose_max_yaw_std=3.0)
     r.listen_to_initial_pose()
-    assert r.probe.send(image_msg(scene.images[0], r.stamp()))
-    time.sleep(0.3)
-    assert r.initial_poses == []  # frames alone never seed in on_request
+    for rgb in scene.images[:2]:
+        assert r.probe.send(image_msg(rgb, r.stamp()))
+    assert not wait_for(lambda: r.initial_poses, 0.5), "frames alone never seed in on_request"
 
     def relocalize_while_streaming(rgb):
         with streaming(r, [rgb]):
@@ -195,8 +188,7 @@ def test_initial_pose_on_request_seeds_only_on_relocalize_and_gates_on_confidenc
     answer = relocalize_while_streaming(scene.images[2])
     assert not answer.success
     assert "not confident enough" in answer.message and "initial_pose_max_position_std" in answer.message
-    time.sleep(0.3)
-    assert len(r.initial_poses) == 1
+    assert not wait_for(lambda: len(r.initial_poses) > 1, 0.5), "a pose the gate refused was published"
 
 
 def test_relocalize_without_a_camera_says_so_at_once(start, scene):
@@ -218,20 +210,19 @@ def test_enable_pauses_and_resumes_inference_and_relocalize_still_answers(start,
     assert r.node.get_parameter("enabled").value is False
     received = r.node.counters().get("received", 0)
     paused_stamp = r.stamp()
-    for _ in range(5):
-        r.probe.image_pub.publish(image_msg(scene.images[1], paused_stamp))
-        time.sleep(0.1)
+    r.probe.image_pub.publish(image_msg(scene.images[1], paused_stamp))
     assert wait_for(lambda: r.node.counters().get("paused", 0) >= 1)
     assert stamp_key(paused_stamp) not in r.probe.poses and r.node.counters().get("received", 0) == received
 
-    # ~/relocalize relocalises one frame even while paused.
+    # ~/relocalize relocalises one frame even while paused; the frames streaming on are still paused.
+    processed = r.node.counters()["processed"]
     with streaming(r, [scene.images[2]]):
         answer = r.call(Trigger, "relocalize", Trigger.Request())
-    assert answer.success and "initial_pose off" in answer.message
-    time.sleep(0.3)
-    processed = r.node.counters()["processed"]
-    time.sleep(0.5)
-    assert r.node.counters()["processed"] == processed  # still paused afterwards
+        assert answer.success and "initial_pose off" in answer.message
+        assert wait_for(lambda: r.node.counters()["processed"] == processed + 1)  # the one frame (counted after its answer)
+        paused = r.node.counters()["paused"]
+        assert wait_for(lambda: r.node.counters()["paused"] >= paused + 3, 10.0), "the camera stopped streaming"
+        assert r.node.counters()["processed"] == processed + 1, "inference resumed after ~/relocalize"
 
     answer = r.call(SetBool, "enable", SetBool.Request(data=True))
     assert answer.success and "resumed" in answer.message
@@ -268,12 +259,14 @@ def test_lifecycle_transitions_as_nav2_lifecycle_manager_drives_them(start, scen
         return r.call(GetState, "get_state", GetState.Request()).current_state.id
 
     def silent_for(seconds: float) -> bool:
-        stamp = r.stamp()
+        """No answer to a camera streaming fresh frames for ``seconds`` (returns False at the first answer)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
+            stamp = r.stamp()
             r.probe.image_pub.publish(image_msg(scene.images[0], stamp))
-            time.sleep(0.1)
-        return stamp_key(stamp) not in r.probe.poses
+            if wait_for(lambda: stamp_key(stamp) in r.probe.poses, 0.1):
+                return False
+        return True
 
     assert state() == State.PRIMARY_STATE_UNCONFIGURED
     assert r.node.relocalizer is None and r.probe.image_pub.get_subscription_count() == 0
@@ -318,11 +311,13 @@ def test_map_switch_under_a_stream_of_images_loses_no_frame(start, scene, tmp_pa
     r = start("switch", checkpoint=str(scene.checkpoint), image_qos="reliable", image_qos_depth=10, log_throttle=60.0)
     assert r.probe.send(image_msg(scene.images[0], r.stamp()))
     sent: list = []
+    def answered(frame_id: str) -> int:
+        return sum(1 for p in list(r.probe.poses.values()) if p.header.frame_id == frame_id)
+
     with streaming(r, scene.images, period=0.05, sent=sent):
-        time.sleep(0.5)
+        assert wait_for(lambda: answered("map") >= 5, 20.0)  # the camera streams before the switch
         assert r.node.set_parameters([Parameter("checkpoint", value=str(floor2))])[0].successful
-        assert wait_for(lambda: any(p.header.frame_id == "floor2" for p in list(r.probe.poses.values())), 30.0)
-        time.sleep(0.5)
+        assert wait_for(lambda: answered("floor2") >= 5, 30.0)  # ... and on after it
 
         # A missing file is refused at once; a corrupt one loads in the background, fails, and the old model keeps serving.
         missing = r.node.set_parameters([Parameter("checkpoint", value=str(tmp_path / "nope.pt"))])[0]
@@ -331,7 +326,8 @@ def test_map_switch_under_a_stream_of_images_loses_no_frame(start, scene, tmp_pa
         corrupt.write_bytes(b"torn download")
         assert r.node.set_parameters([Parameter("checkpoint", value=str(corrupt))])[0].successful
         assert wait_for(lambda: r.node.get_parameter("checkpoint").value == str(floor2), 30.0), "the parameter does not say what is serving"
-        time.sleep(0.5)
+        after_revert = answered("floor2")
+        assert wait_for(lambda: answered("floor2") >= after_revert + 5, 20.0)  # the serving model keeps answering
     last = r.stamp()
     assert r.probe.send(image_msg(scene.images[0], last))
     assert r.probe.poses[stamp_key(last)].header.frame_id == "floor2"

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""The geometric stage on real images: hololens-office (RGB-D walk) and the Strecha fountain.
+
+    .venv/bin/python bench/bench_real.py                                   # both data sets, default maps
+    .venv/bin/python bench/bench_real.py --datasets hololens --maps depth --set keyframes=6
+
+* ``hololens``: ``../shared/data/hololens-office`` (7-Scenes layout, 540x360 JPEG, depth
+  registered to colour). Maps of its training split (``depth``: points from depth;
+  ``triangulation``: from matches between keyframes with their known poses, no depth);
+  its 90 test frames are refined from priors = ground truth moved ``--prior-m`` (0.3 m)
+  and turned ``--prior-deg`` (10°) in random directions (the regressor's typical real-data
+  error), prior covariance = that size. The output is the refined pose, or the prior on fallback.
+* ``fountain``: ``../shared/data/strecha-fountain-P11`` (11 photographs, ground-truth
+  cameras): a triangulated map of 8 images at ``--fountain-scale`` of full size, the 3
+  held-out views from ``--fountain-priors`` priors each 0.5–1 m and 10° off (bench_strecha.py
+  has the per-scale study).
+
+A data set that is absent is skipped with a line saying so. Per map it prints: refined share,
+median position / rotation over all frames and over the refined ones, p90, refined frames
+worse than their prior, fallbacks by ``RefinementResult.failure``, median inliers and ms per
+frame by part (features / matching / pose / total, wall; CPU time of the process in brackets).
+Maps are cached under ``--work`` (delete it after changing the map code).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_refine import cached_map, print_maps, run, test_frames  # noqa: E402
+from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
+from ros2_posenet.geometric.map_builder import open_dataset  # noqa: E402
+from ros2_posenet.geometric.refiner import RefinementConfig, Refiner  # noqa: E402
+
+DATA = ROOT / ".." / "shared" / "data"
+HOLOLENS = DATA / "hololens-office"
+FOUNTAIN = DATA / "strecha-fountain-P11"
+MAPS = ("depth", "triangulation")
+
+
+def print_results(title: str, results: dict[str, dict]) -> None:
+    print(f"\n## {title}\n")
+    print("| map | frames | refined | median all (m / °) | median refined (m / °) | p90 all (m / °) | worse than prior "
+          "| fallbacks by failure | inliers | ms features / matching / pose / total (CPU) |")
+    print("|" + " --- |" * 10)
+    for name, s in results.items():
+        fallbacks = ", ".join(f"{k} {v}" for k, v in s["fallbacks"].items()) or "–"
+        print(f"| {name} | {s['frames']} | {s['refined']:.1%} | {s['median_pos']:.4f} / {s['median_rot']:.3f} | "
+              f"{s['refined_median_pos']:.4f} / {s['refined_median_rot']:.3f} | {s['p90_pos']:.3f} / {s['p90_rot']:.2f} | "
+              f"{s['worse']} | {fallbacks} | {s['inliers']:.0f} | {s['features_ms']:.0f} / {s['matching_ms']:.0f} / "
+              f"{s['pose_ms']:.0f} / {s['total_ms']:.0f} ({s['cpu_ms']:.0f}) |", flush=True)
+
+
+def refinement_config(args) -> RefinementConfig:
+    """The defaults, then ``--refine-config``, then ``--set key=value`` (YAML values)."""
+    fields = RefinementConfig().to_dict()
+    if args.refine_config:
+        fields.update(RefinementConfig.from_yaml(args.refine_config).to_dict())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        fields[key] = yaml.safe_load(value)
+    return RefinementConfig.from_dict(fields)
+
+
+def map_features(args) -> FeatureConfig:
+    return FeatureConfig(max_features=args.max_features, max_image_size=args.max_image_size,
+                         contrast_threshold=args.contrast_threshold)
+
+
+def bench_hololens(args, config: RefinementConfig) -> None:
+    if not HOLOLENS.is_dir():
+        print(f"bench_real: hololens skipped, {HOLOLENS} not found")
+        return
+    features = map_features(args)
+    spacing = (args.min_distance, args.min_angle)
+    tag = f"f{args.max_features}_s{args.max_image_size}_c{args.contrast_threshold:g}_d{args.min_distance:g}_a{args.min_angle:g}"
+    allowed = None
+    if args.split == "validation":  # blocks of the training walk left out of the map, as the test split is built
+        n = len(open_dataset("7scenes", HOLOLENS, "train"))
+        held = (np.arange(n) // 15) % 4 == 1
+        allowed, tag = np.flatnonzero(~held), tag + "_val"
+        frames = test_frames(HOLOLENS, args.frames, "train", np.flatnonzero(held))
+    else:
+        frames = test_frames(HOLOLENS, args.frames)
+    maps, figures, results = {}, {}, {}
+    for points in args.maps:
+        name = f"{points} ({tag})"
+        maps[name], figures[name] = cached_map(args.work / f"hololens_{points}_{tag}.npz", HOLOLENS, features, points,
+                                               calibrate_frames=args.calibrate, spacing=spacing, allowed=allowed)
+        results[name] = run(Refiner(maps[name], config), frames, args.prior_m, args.prior_deg)
+    print_maps(figures)
+    print_results(f"hololens-office {args.split} split ({len(frames)} frames), priors {args.prior_m} m / {args.prior_deg}° off", results)
+
+
+def bench_fountain(args, config: RefinementConfig) -> None:
+    if not FOUNTAIN.is_dir():
+        print(f"bench_real: fountain skipped, {FOUNTAIN} not found")
+        return
+    from bench_strecha import build_map, open_split, relocalise
+
+    train, test = open_split(FOUNTAIN)
+    scene_map, seconds = build_map(train, args.fountain_scale, 4000)
+    rows = relocalise(Refiner(scene_map, config), test, args.fountain_priors, far_m=5.0)
+    runs = [r for row in rows for r in row["runs"]]
+    refined = [r for r in runs if r["status"] == "refined"]
+    pos = np.array([r["pos_m"] for r in refined]) if refined else np.array([np.nan])
+    rot = np.array([r["rot_deg"] for r in refined]) if refined else np.array([np.nan])
+    print(f"\n## fountain (map of {len(train)} images at scale {args.fountain_scale:g}, built in {seconds:.0f} s, "
+          f"{scene_map.num_points} observations)\n")
+    print(f"refined {len(refined)}/{len(runs)} from priors 0.5-1 m, 10°; median {np.median(pos) * 1e3:.1f} mm / "
+          f"{np.median(rot):.3f}°, worst {pos.max() * 1e3:.1f} mm / {rot.max():.3f}°; "
+          f"ms/frame {np.median([r['ms'] for r in runs]):.0f}; 5 m priors: "
+          + "; ".join(f"{row['view']} {row['far']['status']} ({row['far']['source']})" for row in rows), flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", choices=("hololens", "fountain"), default=["hololens", "fountain"])
+    p.add_argument("--maps", nargs="+", choices=MAPS, default=list(MAPS))
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_real"), help="map cache")
+    p.add_argument("--frames", type=int, default=0, help="hololens test frames (0: all 90)")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="validation: every 4th block of 15 training frames is left out of the map and queried (for tuning)")
+    p.add_argument("--prior-m", type=float, default=0.3)
+    p.add_argument("--prior-deg", type=float, default=10.0)
+    p.add_argument("--max-features", type=int, default=FeatureConfig().max_features)
+    p.add_argument("--max-image-size", type=int, default=0)
+    p.add_argument("--contrast-threshold", type=float, default=FeatureConfig().contrast_threshold)
+    p.add_argument("--min-distance", type=float, default=0.25, help="keyframe spacing (m), as build-map")
+    p.add_argument("--min-angle", type=float, default=15.0, help="keyframe spacing (deg), as build-map")
+    p.add_argument("--calibrate", type=int, default=20, help="held-out training frames for the covariance scale")
+    p.add_argument("--refine-config", type=Path, help="RefinementConfig YAML (default: the defaults)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RefinementConfig overrides")
+    p.add_argument("--fountain-scale", type=float, default=0.25)
+    p.add_argument("--fountain-priors", type=int, default=3)
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    config = refinement_config(args)
+    print(f"bench_real: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; refinement "
+          f"{ {k: v for k, v in config.to_dict().items() if v != RefinementConfig().to_dict()[k]} or 'defaults'}")
+    for name in args.datasets:
+        start = time.perf_counter()
+        {"hololens": bench_hololens, "fountain": bench_fountain}[name](args, config)
+        print(f"({name}: {time.perf_counter() - start:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

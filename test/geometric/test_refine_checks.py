@@ -1,0 +1,178 @@
+"""What the refiner refuses and why: a wrong calibration, each fallback reason, independent keyframe sets,
+the map's covariance scale, and the keyframe ranking's viewing-direction term."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from helpers import ROOM_K, room_map, room_pose
+from ros2_posenet.geometric.features import FeatureConfig
+from ros2_posenet.geometric.refiner import (
+    FAILURE_CALIBRATION, FAILURE_INLIER_RATIO, FAILURE_MAX_CORRECTION, FAILURE_TOO_FEW_INLIERS, FocalHistory,
+    RefinementConfig, Refiner, perturb_pose, pose_difference,
+)
+from ros2_posenet.geometric.scene_map import SceneMap
+
+K = ROOM_K
+PRIOR_COV = np.diag([0.3**2] * 3 + [np.radians(10.0) ** 2] * 3)
+TRUTHS = [room_pose(-3.3, 0.4, 1.3, -15.0), room_pose(-2.6, 0.6, 1.3, 0.0), room_pose(-2.0, 0.5, 1.3, 20.0)]
+
+
+@pytest.fixture(scope="module")
+def room():
+    scene, scene_map = room_map()
+    return scene, scene_map, [scene.render(T, K, 320, 240)[0] for T in TRUTHS]
+
+
+def scaled(factor: float) -> np.ndarray:
+    wrong = K.copy()
+    wrong[0, 0] *= factor
+    wrong[1, 1] *= factor
+    return wrong
+
+
+def position_error_in_sigmas(result, T_true) -> float:
+    delta = pose_difference(result.T, T_true)[:3]
+    return float(np.sqrt(delta @ np.linalg.inv(result.covariance[:3, :3]) @ delta))
+
+
+@pytest.mark.parametrize("factor", [1.03, 1.1, 2.0, 0.9])
+def test_a_wrong_focal_length_is_refused_and_named(room, factor):
+    """Mutation: ``max_focal_error: 0`` (no check), or a check that compares the ratio with 0 instead of 1:
+    the poses leave as refined, 0.17 m (x1.03) to 9 m (x2) off with a covariance of millimetres."""
+    scene, scene_map, images = room
+    refiner = Refiner(scene_map, RefinementConfig())
+    rng = np.random.default_rng(0)
+    for T_true, rgb in zip(TRUTHS, images):
+        prior = perturb_pose(T_true, 0.3, 10.0, rng)
+        result = refiner.refine(rgb, scaled(factor), prior, PRIOR_COV)
+        assert result.status == "fallback" and result.failure == FAILURE_CALIBRATION, result.reason
+        assert result.focal_ratio == pytest.approx(1 / factor, rel=0.01)
+        assert "calibration" in result.reason and "CameraInfo" in result.reason
+        np.testing.assert_array_equal(result.T, prior)
+        np.testing.assert_array_equal(result.covariance, PRIOR_COV)
+
+
+def test_without_the_focal_check_a_3_percent_focal_error_leaves_far_beyond_its_covariance(room):
+    """Why the check exists (and that the scene shows the defect): unchecked, x1.03 gives > 3 sigma errors."""
+    scene, scene_map, images = room
+    unchecked = Refiner(scene_map, RefinementConfig(max_focal_error=0.0))
+    result = unchecked.refine(images[1], scaled(1.03), perturb_pose(TRUTHS[1], 0.3, 10.0, np.random.default_rng(1)), PRIOR_COV)
+    assert result.refined and np.isnan(result.focal_ratio)
+    assert position_error_in_sigmas(result, TRUTHS[1]) > 3.0
+
+
+def test_the_right_focal_length_refines_with_a_ratio_near_one(room):
+    scene, scene_map, images = room
+    refiner = Refiner(scene_map, RefinementConfig())
+    rng = np.random.default_rng(2)
+    for T_true, rgb in zip(TRUTHS, images):
+        result = refiner.refine(rgb, K, perturb_pose(T_true, 0.3, 10.0, rng), PRIOR_COV)
+        assert result.refined and result.failure == "", result.reason
+        assert abs(result.focal_ratio - 1) < 0.01
+        assert position_error_in_sigmas(result, T_true) < 3.0
+
+
+def test_focal_history_tolerates_real_scatter_but_not_a_consistent_bias():
+    """Real frames scatter by a few per cent beyond their formal sigma; a wrong K is off for every frame.
+    Mutation: no inflation by the recent spread (refuses the scattered frame); no consensus (accepts the bias)."""
+    rng = np.random.default_rng(0)
+    history = FocalHistory()
+    for ratio in 1 + rng.normal(0, 0.015, 20):
+        history.verdict(K, float(ratio), 0.003, 100, 0.02, 4.0)
+    assert history.verdict(K, 1.026, 0.003, 100, 0.02, 4.0) == ""
+    assert "this image" in FocalHistory().verdict(K, 1.026, 0.003, 100, 0.02, 4.0)  # no history: the frame alone decides
+    biased = FocalHistory()
+    verdicts = [biased.verdict(K, float(r), 0.03, 100, 0.02, 4.0) for r in 0.97 + rng.normal(0, 0.003, 8)]
+    assert all(v == "" for v in verdicts[:4]) and "last 5 frames" in verdicts[4] and all(verdicts[4:])
+    assert biased.verdict(scaled(1.1), 0.97, 0.03, 100, 0.02, 4.0) == ""  # another K has its own history
+
+
+def test_too_few_inliers_falls_back_with_the_prior(room):
+    """Mutation: the inlier count compared with ``retrieval_min_inliers`` here, or the prior not returned."""
+    scene, scene_map, images = room
+    prior = perturb_pose(TRUTHS[1], 0.3, 10.0, np.random.default_rng(3))
+    result = Refiner(scene_map, RefinementConfig(retrieval=False, min_inliers=5000)).refine(images[1], K, prior, PRIOR_COV)
+    assert result.status == "fallback" and result.failure == FAILURE_TOO_FEW_INLIERS
+    assert "too few inliers with the keyframes near the prior" in result.reason and "need 5000" in result.reason
+    assert 30 < result.inliers < 5000 and result.source == "prior"
+    np.testing.assert_array_equal(result.T, prior)
+    np.testing.assert_array_equal(result.covariance, PRIOR_COV)
+
+
+def test_a_low_inlier_ratio_falls_back(room):
+    """Mutation: ``min_inlier_ratio`` ignored, or compared with the inlier count instead of the share."""
+    scene, scene_map, images = room
+    prior = perturb_pose(TRUTHS[1], 0.3, 10.0, np.random.default_rng(4))
+    result = Refiner(scene_map, RefinementConfig(retrieval=False, min_inlier_ratio=1.0)).refine(images[1], K, prior, None)
+    assert result.status == "fallback" and result.failure == FAILURE_INLIER_RATIO, result.reason
+    assert result.inliers >= 30 and result.inliers < result.matches and "100%" in result.reason
+    np.testing.assert_array_equal(result.T, prior)
+    assert result.covariance is None
+
+
+def test_max_correction_deg_caps_a_right_pose_and_is_not_confirmed_away(room):
+    """Mutation: the rotation cap ignored, or a capped pose handed to the neighbourhood confirmation."""
+    scene, scene_map, images = room
+    prior = perturb_pose(TRUTHS[1], 0.05, 10.0, np.random.default_rng(5))
+    result = Refiner(scene_map, RefinementConfig(max_correction_deg=5.0)).refine(images[1], K, prior, PRIOR_COV)
+    assert result.status == "fallback" and result.failure == FAILURE_MAX_CORRECTION
+    assert "10.0° > max_correction_deg 5" in result.reason and result.correction[1] == pytest.approx(10.0, abs=0.3)
+    assert [source for source, _ in result.attempts] == ["prior"]
+    np.testing.assert_array_equal(result.T, prior)
+
+
+def test_retrieval_failure_without_a_prior_answers_the_best_keyframe_without_covariance(room):
+    """Mutation: returning the last tried keyframe's pose, or a covariance, when nothing was found."""
+    scene, scene_map, images = room
+    result = Refiner(scene_map, RefinementConfig(retrieval_min_inliers=5000)).refine(images[0], K, None)
+    assert result.status == "fallback" and result.failure == FAILURE_TOO_FEW_INLIERS
+    assert "too few inliers with the retrieved keyframes" in result.reason and "best retrieved keyframe" in result.reason
+    assert result.covariance is None and result.source == "retrieval"
+    best = scene_map.retrieve_keyframes(images[0], 1)[0]
+    np.testing.assert_array_equal(result.T, scene_map.poses[best])
+
+
+def test_the_neighbourhood_that_confirms_a_refused_pose_shares_no_keyframe_with_it(room):
+    """Mutation: ``_around`` not excluding the keyframes already tried (the prior is near the truth, so the
+    keyframes around the refused pose are largely those that made it). ``keyframes_used`` is de-duplicated,
+    so only the per-attempt sets can show an overlap."""
+    scene, scene_map, images = room
+    prior = perturb_pose(TRUTHS[1], 0.3, 10.0, np.random.default_rng(7))
+    confident = np.diag([0.01**2] * 3 + [np.radians(0.5) ** 2] * 3)  # claims 1 cm, is 0.3 m off: the gate refuses
+    settings = RefinementConfig(retrieval=False)
+    result = Refiner(scene_map, settings).refine(images[1], K, prior, confident)
+    assert result.refined and result.source == "neighbourhood", result.reason
+    (first, made), (second, confirmed) = result.attempts
+    assert (first, second) == ("prior", "neighbourhood") and len(made) == len(confirmed) == 4
+    assert not set(made) & set(confirmed)
+    nearest = scene_map.nearest_keyframes(result.T, 4, settings.metres_per_radian, settings.max_keyframe_angle_deg)
+    assert set(nearest) & set(made)  # without the exclusion the sets would overlap
+
+
+def test_the_published_covariance_follows_the_maps_scale(room):
+    """Mutation: the map's scale ignored (x1) or inverted (x1/4): the EKF would get the wrong covariance."""
+    scene, scene_map, images = room
+    no_floor = RefinementConfig(retrieval=False, min_position_std=0.0, min_rotation_std_deg=0.0)
+    prior = perturb_pose(TRUTHS[1], 0.3, 10.0, np.random.default_rng(6))
+    unit = Refiner(replace(scene_map, metadata={}), no_floor).refine(images[1], K, prior, PRIOR_COV)
+    calibrated = replace(scene_map, metadata={"calibration": {"covariance_scale": 4.0}})
+    scaled_result = Refiner(calibrated, no_floor).refine(images[1], K, prior, PRIOR_COV)
+    assert unit.refined and scaled_result.refined
+    np.testing.assert_allclose(np.diag(scaled_result.covariance), 4.0 * np.diag(unit.covariance), rtol=1e-6)
+    override = Refiner(calibrated, replace(no_floor, covariance_scale=2.0)).refine(images[1], K, prior, PRIOR_COV)
+    np.testing.assert_allclose(np.diag(override.covariance), 2.0 * np.diag(unit.covariance), rtol=1e-6)
+
+
+def test_nearest_keyframes_weighs_the_viewing_direction():
+    """Mutation: the angle term dropped, or its sign flipped: the keyframe that looks elsewhere would come first."""
+    query = room_pose(0.0, 0.0, 1.3)
+    same_view = room_pose(-0.3, 0.0, 1.3)            # 0.3 m behind, same direction
+    turned = room_pose(0.1, 0.0, 1.3, yaw_deg=30.0)  # 0.1 m ahead, turned 30°
+    empty = lambda size: np.zeros((0, size), np.float32)  # noqa: E731
+    scene_map = SceneMap(names=["same", "turned"], poses=np.stack([same_view, turned]), intrinsics=np.stack([K, K]),
+                         image_sizes=[(320, 240)] * 2, keypoints=[empty(2)] * 2, descriptors=[np.zeros((0, 128), np.uint8)] * 2,
+                         points3d=[empty(3)] * 2, point_source="depth", feature_config=FeatureConfig())
+    assert list(scene_map.nearest_keyframes(query, 2, metres_per_radian=1.0)) == [0, 1]   # 0.3 m < 0.1 m + 0.52 rad
+    assert list(scene_map.nearest_keyframes(query, 2, metres_per_radian=0.1)) == [1, 0]   # 0.1 + 0.05 < 0.3
+    assert list(scene_map.nearest_keyframes(query, 2, max_angle_deg=20.0)) == [0]          # the turned one looks away

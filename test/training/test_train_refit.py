@@ -1,0 +1,96 @@
+"""train.refit: the validated run chooses epochs and calibrates, the refit trains on every frame."""
+import logging
+
+import pytest
+import torch
+
+from helpers import tiny_scene as make_scene
+from ros2_posenet.checkpoint import load_checkpoint
+from ros2_posenet.data.synthetic import SyntheticSceneConfig
+from ros2_posenet.train import ConfigError, load_config, main, refit_config, run_training
+
+FRAMES = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_scene(tmp_path_factory):
+    return make_scene(tmp_path_factory, "scene", SyntheticSceneConfig(
+        width=64, height=48, frames_train=FRAMES, frames_test=4, train_sequences=1, test_sequences=1, num_points=300,
+    ))
+
+
+def config(root, out_dir, *overrides):
+    return load_config(None, [
+        "data.kind=7scenes", f"data.root={root}", "data.max_points=16", "data.augment=false",
+        "data.val=holdout", "data.val_split=blocks", "data.val_fraction=0.25", "data.val_block=2", "data.val_gap=1",
+        "model.backbone=resnet18", "model.hidden_dim=32", "model.dropout=0.3", "model.pretrained=false",
+        "preprocess.resize=40", "preprocess.crop=32", "optim.batch_size=4", "optim.lr=1e-3",
+        "train.workers=0", "train.progress=false", "train.test_at_end=false", f"train.out_dir={out_dir}",
+        "train.epochs=3", "stages.reprojection.epochs=2", *overrides,
+    ])
+
+
+def test_refit_retraces_the_chosen_epochs_on_every_frame_with_the_held_out_calibration(tiny_scene, tmp_path, capsys):
+    result = run_training(config(tiny_scene, tmp_path, "train.refit=true"))
+    out = capsys.readouterr().out
+    # k = 4, blocks of 2: frames 4-5 and 12-13 validate, 3, 6, 11, 14 are the gap; the refit has all 16.
+    assert "training 8, validation 4, dropped 4 of 16 frames" in out
+    assert f"training {FRAMES}, validation 0, dropped 0 of {FRAMES} frames" in out
+    assert result["validated"]["checkpoint"] == str(tmp_path / "reprojection" / "best.pt")
+    assert result["checkpoint"] == str(tmp_path / "refit" / "reprojection" / "best.pt")
+    for stage in ("learned", "reprojection"):
+        chosen = load_checkpoint(tmp_path / stage / "best.pt")
+        refit = load_checkpoint(tmp_path / "refit" / stage / "best.pt")
+        assert refit["epoch"] == chosen["epoch"]
+        assert refit["covariance"] == chosen["covariance"] and refit["covariance"]["samples"] == 4
+        assert refit["val_metrics"] == chosen["val_metrics"]
+        assert refit["val_split"].startswith(chosen["val_split"]) and "this refit trained on every frame" in refit["val_split"]
+        # Different weights: the refit saw frames the validated model never trained on.
+        if refit["epoch"] > 0:
+            assert not torch.equal(refit["model_state"]["fc_position.weight"], chosen["model_state"]["fc_position.weight"])
+    # Its config can be resumed as is: it says where the calibration came from and when to stop.
+    refit_cfg = load_checkpoint(result["checkpoint"])["train_config"]
+    assert refit_cfg["train"]["calibrate_from"] == str(tmp_path) and refit_cfg["data"]["val"] == "none"
+
+
+def test_a_refit_alone_from_a_finished_validated_run(tiny_scene, tmp_path):
+    run_training(config(tiny_scene, tmp_path))
+    assert not (tmp_path / "refit").exists()
+    assert main(["--resume", str(tmp_path / "reprojection" / "last.pt"), "train.refit=true"]) == 0
+    assert load_checkpoint(tmp_path / "refit" / "reprojection" / "best.pt")["epoch"] == \
+        load_checkpoint(tmp_path / "reprojection" / "best.pt")["epoch"]
+
+
+def test_stop_after_zero_keeps_the_starting_weights(tiny_scene, tmp_path, capsys):
+    run_training(config(tiny_scene, tmp_path, "data.val=none", "stages.reprojection.stop_after=0"))
+    learned = load_checkpoint(tmp_path / "learned" / "best.pt")["model_state"]
+    kept = load_checkpoint(tmp_path / "reprojection" / "best.pt")
+    assert kept["epoch"] == 0 and kept["model_state"].keys() == learned.keys()
+    assert all(torch.equal(kept["model_state"][k], learned[k]) for k in learned)
+    assert "not trained (stop_after 0)" in capsys.readouterr().out
+
+
+def test_stop_after_ends_the_stage_early_on_its_own_schedule(tiny_scene, tmp_path):
+    cfg = config(tiny_scene, tmp_path, "data.val=none", "stages.learned.stop_after=1", "stages.reprojection.epochs=1")
+    run_training(cfg)
+    last = load_checkpoint(tmp_path / "learned" / "last.pt")
+    assert last["epoch"] == 1
+    # The learning rate followed the 3-epoch cosine, not a 1-epoch one that would end at 1 % of lr.
+    assert last["resume"]["optimizer"]["param_groups"][0]["lr"] > 0.5e-3
+
+
+def test_the_log_warns_when_the_split_drops_many_frames(tiny_scene, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        run_training(config(tiny_scene, tmp_path, "data.val_gap=2", "train.epochs=1", "stages.reprojection.epochs=1"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "drops" in r.getMessage()]
+    assert warnings and "8 of 16 training frames (50 %" in warnings[0]
+
+
+def test_refit_needs_a_holdout_and_all_stages(tiny_scene, tmp_path):
+    with pytest.raises(ConfigError, match="train.refit needs data.val: holdout"):
+        config(tiny_scene, tmp_path, "train.refit=true", "data.val=none")
+    with pytest.raises(ConfigError, match="refits every stage"):
+        run_training(config(tiny_scene, tmp_path, "train.refit=true"), only_stage="learned")
+    refit = refit_config(config(tiny_scene, tmp_path, "train.refit=true"), {"learned": 3, "reprojection": 0})
+    assert refit["train"]["out_dir"] == str(tmp_path / "refit") and not refit["train"]["refit"]
+    assert [s["stop_after"] for s in refit["stages"]] == [3, 0]
