@@ -6,7 +6,9 @@ The regressor is untrained (a guess near the room's centre with a broad covarian
 the truth on the verified topic can only come from the map with the right calibration.
 """
 import ros_fixtures
-from ros_fixtures import RunningNode, compressed_msg, image_msg, latest_diagnostic, room_camera_info, stamp_key, stamp_now, wait_for
+from ros_fixtures import (
+    RunningNode, compressed_msg, image_msg, latest_diagnostic, room_camera_info, stamp_key, stamp_now, wait_for, wait_for_log,
+)
 
 ros_fixtures.isolate_ros_domain()
 
@@ -220,3 +222,27 @@ def test_initial_pose_require_refined_seeds_only_poses_the_map_verified(start_ma
     assert wait_for(lambda: len(seeds) == 1, 5.0)
     seed = messages.matrix_from_pose_msg(seeds[0].pose.pose)
     assert np.linalg.norm(seed[:2, 3] - T_TRUE[:2, 3]) < 0.05  # planar: x, y of the verified pose
+
+
+# ----------------------------------------------------------------------------- a wrong calibration
+
+
+@pytest.mark.parametrize("focal_scale", [1.03, 1.1, 2.0])
+def test_a_wrong_focal_length_is_never_published_as_verified_and_the_node_says_why(start_map_node, room, capfd, focal_scale):
+    """Issue 24 item 1: CameraInfo's focal ×1.03 / ×1.1 / ×2 against the map's camera.
+
+    Before, most such frames came out verified, metres off with a centimetre σ. Now the refiner estimates the
+    focal length with the pose and refuses it: no verified pose, the log names the calibration and the CameraInfo K,
+    and /diagnostics says every frame fell back for ``calibration``.
+    Catches: the node publishing a fallback's pose on the verified topic, or the refiner's focal check off
+    (``max_focal_error: 0``).
+    """
+    m = start_map_node(f"wrong_focal_{str(focal_scale).replace('.', '_')}")
+    _, rgb = room
+    K = ROOM_K * [[focal_scale], [focal_scale], [1.0]]
+    m.give_camera_info(room_camera_info(stamp_now(m.node), K=K))
+    outcomes = [m.refine_once(rgb) for _ in range(3)]
+    assert [status for status, _ in outcomes] == ["fallback"] * 3, outcomes
+    assert not m.verified, "a pose made with the wrong calibration went out as verified"
+    wait_for_log(capfd, r"calibration: .*focal length.*check the CameraInfo K")
+    assert wait_for(lambda: "calibration" in (latest_diagnostic(m.probe, "refinement_failing") or ""), 10.0)
