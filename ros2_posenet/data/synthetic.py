@@ -1,7 +1,9 @@
 """Synthetic textured room rendered along robot trajectories, written as 7-Scenes, Cambridge and Bundler.
 
 Stands in for real pose datasets in the demo, tests and benchmarks. Everything is
-deterministic from ``SyntheticSceneConfig.seed``.
+deterministic from ``SyntheticSceneConfig.seed``. (One module of ~860 lines on purpose:
+the room, its textures, the trajectories, the ray caster and the three writers share
+one config and one seed; split, each piece would only be read with the others.)
 
 Scene: a room (floor, ceiling, four walls) with boxes in a central island and
 against the walls, all axis-aligned. The world frame is **z-up** (floor at z = 0,

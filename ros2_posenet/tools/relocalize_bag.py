@@ -1,5 +1,8 @@
 """``relocalize-bag``: run PoseNet over a recorded image topic and write what the node would have published.
 
+(About 670 lines: the command line, the bag reading and the staged writing of one tool; the
+per-frame messages themselves come from :mod:`ros2_posenet.ros.outputs`, shared with the node.)
+
 Reads a rosbag2 (sqlite3 or MCAP) with the ``rosbags`` library, takes a
 ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage`` topic (detected from the bag)
 and, for every frame, writes into a new bag the messages ``posenet_node`` publishes for

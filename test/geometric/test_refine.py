@@ -8,10 +8,8 @@ import pytest
 from helpers import ROOM_K, room_map, room_pose, tiny_scene, untrained_checkpoint
 from ros2_posenet.evaluate import METHOD_MODEL, METHOD_REFINED, METHOD_RETRIEVAL_REFINED, main as evaluate_main
 from ros2_posenet.preprocess import PreprocessConfig
-from ros2_posenet.geometric.refiner import (
-    SOLVERS, RefinementConfig, Refiner, geometric_covariance, perturb_pose, pose_difference, reprojection_jacobian,
-    solve_absolute_pose,
-)
+from ros2_posenet.geometric.pnp import SOLVERS, geometric_covariance, reprojection_jacobian, solve_absolute_pose
+from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose, pose_difference
 from ros2_posenet.tools import build_map
 
 K = ROOM_K

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from helpers import ROOM_K, room_map, room_pose
-from ros2_posenet.geometric.features import FeatureConfig
+from ros2_posenet.geometric.features import FeatureConfig, detect_features
+from ros2_posenet.geometric.pnp import FocalHistory
 from ros2_posenet.geometric.refiner import (
-    FAILURE_CALIBRATION, FAILURE_INLIER_RATIO, FAILURE_MAX_CORRECTION, FAILURE_TOO_FEW_INLIERS, FocalHistory,
-    RefinementConfig, Refiner, perturb_pose, pose_difference,
+    FAILURE_CALIBRATION, FAILURE_INLIER_RATIO, FAILURE_MAX_CORRECTION, FAILURE_TOO_FEW_INLIERS, RefinementConfig, Refiner,
+    perturb_pose, pose_difference,
 )
 from ros2_posenet.geometric.scene_map import SceneMap
 
@@ -176,3 +177,19 @@ def test_nearest_keyframes_weighs_the_viewing_direction():
     assert list(scene_map.nearest_keyframes(query, 2, metres_per_radian=1.0)) == [0, 1]   # 0.3 m < 0.1 m + 0.52 rad
     assert list(scene_map.nearest_keyframes(query, 2, metres_per_radian=0.1)) == [1, 0]   # 0.1 + 0.05 < 0.3
     assert list(scene_map.nearest_keyframes(query, 2, max_angle_deg=20.0)) == [0]          # the turned one looks away
+
+
+def test_guided_matching_from_a_pose_that_sees_no_keyframe_finds_nothing_instead_of_crashing(room):
+    """A wild intermediate pose (8–29 inliers) can look away from every keyframe: guided matching then has no
+    keyframes. Before, ``np.concatenate`` of nothing raised and ``evaluate --map`` died on a real checkpoint.
+    Catches: dropping the empty-keyframes guard in ``Refiner._guided_correspondences``.
+    """
+    scene, scene_map, images = room
+    T_away = TRUTHS[1].copy()
+    T_away[:3, :3] = T_away[:3, :3] @ np.diag([1.0, -1.0, -1.0])  # turned to face the other way
+    none = scene_map.nearest_keyframes(T_away, 8, 1.0, 60.0)
+    refiner = Refiner(scene_map)
+    keypoints, descriptors = detect_features(images[1], scene_map.feature_config)
+    timing = {"matching": 0.0}
+    p2d, p3d = refiner._guided_correspondences(T_away, K, (320, 240), none, keypoints, descriptors, timing)
+    assert len(none) == 0 and p2d.shape == (0, 2) and p3d.shape == (0, 3)
