@@ -425,3 +425,38 @@ def test_build_map_and_refinement_on_the_dataset_match_the_scene(scene, tmp_path
     assert [s for s, _, _ in dataset_figures] == [s for s, _, _ in scene_figures]
     assert any(s == "refined" for s, _, _ in scene_figures)
     np.testing.assert_allclose([e[1:] for e in dataset_figures], [e[1:] for e in scene_figures], atol=1e-4)
+
+
+def test_known_distance_gives_metric_scale_and_gravity():
+    """--known-distance: SfM poses in an arbitrary frame and scale are brought to metres with z up.
+
+    The truth is a level camera walking a loop (optical y = world down); the 'SfM' poses are the truth under a
+    random similarity (scale 0.37). After ``similarity_from_distance`` with the true distance between two frames,
+    every distance between camera centres is metric and the cameras' mean down axis is world −z.
+    Catches: the scale inverted (distance / metres) or gravity taken from the optical z (forward) axis.
+    """
+    from ros2_posenet.dataset_maker.sfm import similarity_from_distance
+
+    rng = np.random.default_rng(3)
+    truth = [body_pose_to_optical(pose_to_matrix([2.0 * np.cos(a), 2.0 * np.sin(a), 1.2], wxyz_from_yaw(a + np.pi / 2)))
+             for a in np.linspace(0, 1.5 * np.pi, 12)]
+    R = cv2.Rodrigues(rng.normal(size=3))[0]
+    to_sfm = np.eye(4)
+    to_sfm[:3, :3], to_sfm[:3, 3] = 0.37 * R, rng.normal(size=3)
+    sfm = []
+    for T in truth:
+        S = np.eye(4)
+        S[:3, :3], S[:3, 3] = R @ T[:3, :3], to_sfm[:3, :3] @ T[:3, 3] + to_sfm[:3, 3]
+        sfm.append(S)
+    a, b = 0, 7
+    similarity = similarity_from_distance(sfm, a, b, float(np.linalg.norm(truth[a][:3, 3] - truth[b][:3, 3])))
+    aligned = [similarity.apply_to_pose(T) for T in sfm]
+    true_d = np.linalg.norm(np.array([T[:3, 3] for T in truth])[:, None] - np.array([T[:3, 3] for T in truth])[None], axis=2)
+    got_d = np.linalg.norm(np.array([T[:3, 3] for T in aligned])[:, None] - np.array([T[:3, 3] for T in aligned])[None], axis=2)
+    np.testing.assert_allclose(got_d, true_d, atol=1e-9)
+    down = np.mean([T[:3, 1] for T in aligned], axis=0)
+    np.testing.assert_allclose(down / np.linalg.norm(down), [0.0, 0.0, -1.0], atol=1e-9)
+
+
+def wxyz_from_yaw(yaw: float) -> np.ndarray:
+    return np.array([np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)])
