@@ -59,7 +59,7 @@ def build_map(scene_dir: Path, map_file: Path) -> Path:
     from . import build_map as tool
 
     say(f"step 3/4: building the scene map of the training images for the geometric refinement -> {map_file}")
-    if tool.main(["--dataset", "7scenes", "--root", str(scene_dir), "--out", str(map_file), "--calibrate", "20", "--quiet"]) != 0:
+    if tool.main(["--dataset", "7scenes", "--root", str(scene_dir), "--out", str(map_file), "--quiet"]) != 0:
         raise RuntimeError("build-map failed (see the message above)")
     return map_file
 
