@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CPU_BENCHES = ["bench_synthetic.py", "bench_forward.py", "bench_node_latency.py", "bench_training.py", "bench_losses.py", "bench_bundler.py", "bench_refine.py", "bench_strecha.py", "bench_relocalize_bag.py", "bench_uncertainty.py"]
+CPU_BENCHES = ["bench_synthetic.py", "bench_forward.py", "bench_node_latency.py", "bench_training.py", "bench_losses.py", "bench_bundler.py", "bench_refine.py", "bench_strecha.py", "bench_relocalize_bag.py", "bench_uncertainty.py",
+               "bench_real.py", "bench_covariance.py", "bench_node_refine.py", "bench_make_dataset.py"]
 
 
 def main() -> int:
