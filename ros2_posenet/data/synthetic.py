@@ -628,7 +628,7 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _write_pose(path: Path, T: np.ndarray) -> None:
+def write_pose(path: Path, T: np.ndarray) -> None:
     path.write_text("".join(" ".join(f"{v:.9f}" for v in row) + "\n" for row in T))
 
 
@@ -759,7 +759,7 @@ def generate_scene(out_dir: str | Path, config: SyntheticSceneConfig | None = No
                     T_depth = config.depth_camera_pose(T)
                     sensed = depth if T_depth is T else scene.cast(T_depth, config.K_depth, config.width, config.height)[0]
                     _write_depth(Path(f"{stem}.depth.png"), sensed, config.depth_range_m)
-                    _write_pose(Path(f"{stem}.pose.txt"), T_depth)
+                    write_pose(Path(f"{stem}.pose.txt"), T_depth)
                 if distorted is not None:
                     (out_dir / BUNDLER_DIR / folder).mkdir(parents=True, exist_ok=True)
                     copy = out_dir / BUNDLER_DIR / folder / f"frame-{i:06d}.color.png"

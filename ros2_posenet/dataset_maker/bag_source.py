@@ -20,7 +20,7 @@ from ..frames import CameraMount
 from ..ros import messages
 from ..ros.camera_info import CameraInfoError, CameraIntrinsics, intrinsics_from_camera_info
 from ..ros.image import ImageConversionError, raw_image_to_array
-from ..tools.relocalize_bag import CAMERA_INFO_TYPE, IMAGE_TYPES, ODOMETRY_TYPE, TF_TYPE, UsageError, topic_connections
+from ..bag_io import CAMERA_INFO_TYPE, IMAGE_TYPES, ODOMETRY_TYPE, TF_TYPE, UsageError, topic_connections
 from .tf_buffer import NANOSECONDS, PoseSeries, TransformChainError, TransformTree
 
 log = logging.getLogger("make-dataset")

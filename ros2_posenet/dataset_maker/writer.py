@@ -18,8 +18,8 @@ import numpy as np
 import yaml
 
 from ..data.seven_scenes import INTRINSICS_FILE, SPLIT_FILES, sequence_folder
-from ..data.synthetic import _write_pose as write_pose
-from ..tools.relocalize_bag import StagedPath, UsageError
+from ..data.synthetic import write_pose
+from ..bag_io import StagedPath, UsageError
 
 STAGING_FOLDER = ".frames"
 DATASET_FILE = "dataset.yaml"

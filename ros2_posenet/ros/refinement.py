@@ -31,7 +31,7 @@ class RefinementOutcome:
     result: RefinementResult | None = None  # None when the refiner did not run
 
 
-class _Undistorter:
+class Undistorter:
     """Cached remap tables: undistorting a 640x480 image costs ~1 ms with them, ~10 ms without."""
 
     def __init__(self):
@@ -62,7 +62,7 @@ class NodeRefinement:
         self.refiner = Refiner(self.scene_map, config)
         self.map_file = map_file
         self.camera_infos = camera_infos if camera_infos is not None else CameraInfoBuffer()
-        self._undistort = _Undistorter()
+        self._undistort = Undistorter()
         self._warn = warn or (lambda text: None)
         self._checked_intrinsics = False
 

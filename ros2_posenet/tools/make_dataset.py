@@ -41,8 +41,8 @@ from ..dataset_maker.writer import FrameRecord, DatasetWriter, check_output
 from ..ros.camera_info import CameraInfoError, CameraIntrinsics
 from ..ros.image import ImageConversionError, msg_to_rgb
 from ..ros.parameters import camera_info_topic_of
-from ..ros.refinement import _Undistorter
-from .relocalize_bag import ODOMETRY_TYPE, UsageError
+from ..ros.refinement import Undistorter
+from ..bag_io import ODOMETRY_TYPE, UsageError
 
 log = logging.getLogger("make-dataset")
 PROG = "posenet-make-dataset"
@@ -127,7 +127,7 @@ class Maker:
         self.notes: list[str] = []
         self.intrinsics: CameraIntrinsics | None = None
         self.size: tuple[int, int] | None = None
-        self.undistort = _Undistorter()
+        self.undistort = Undistorter()
         self.next_index = 0
         self.depth_info: dict = {"topic": args.depth_topic} if args.depth_topic else {"topic": None}
         self.reference_orients_camera = True  # False when the alignment reference is a body whose camera extrinsic is unknown

@@ -44,10 +44,7 @@ import argparse
 import contextlib
 import csv
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
@@ -64,6 +61,7 @@ from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, Qo
 from rosbags.typesys import Stores, get_typestore
 
 from ..backends import BackendUnavailableError
+from ..bag_io import CAMERA_INFO_TYPE, IMAGE_TYPES, ODOMETRY_TYPE, TF_TYPE, StagedPath, UsageError, topic_connections
 from ..checkpoint import CheckpointError
 from ..frames import CameraMount, PoseHistory, RelocalizedPoses
 from ..inference import PosePrediction, Relocalizer, finite_rows
@@ -79,9 +77,6 @@ from ..ros.parameters import NODE_NAME, PARAMETERS, NodeSettings, add_parameter_
 
 log = logging.getLogger("relocalize-bag")
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-ODOMETRY_TYPE = "nav_msgs/msg/Odometry"
-TF_TYPE = "tf2_msgs/msg/TFMessage"
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 CSV_HEADER = ("timestamp", "bag_time_ns", "frame_id", "child_frame_id", "x", "y", "z", "qx", "qy", "qz", "qw")
 
@@ -99,11 +94,6 @@ BAG_PARAMETERS = tuple(name for name in (
 BAG_DEFAULTS = {"backend": "auto"}
 # Parameters whose flags are written by hand (kept from earlier versions: --topic, --checkpoint, --device, --compile).
 SPECIAL_FLAGS = frozenset({"checkpoint", "image_topic", "compile", "device", "map_file"})
-CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
-
-
-class UsageError(ValueError):
-    """Bad command-line input (missing topic, existing output, bad parameter, ...): exit code 2."""
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -225,18 +215,6 @@ def input_storage(path: str | Path) -> str:
     path = Path(path)
     files = [path] if path.is_file() else list(path.glob("*"))
     return "mcap" if any(f.suffix == ".mcap" for f in files) else "sqlite3"
-
-
-def topic_connections(reader: Reader, topic: str, types: tuple[str, ...], what: str) -> list:
-    """The connections of ``topic``; a clear error when it is missing or of another type."""
-    connections = [c for c in reader.connections if c.topic == topic]
-    if not connections:
-        present = sorted({c.topic for c in reader.connections if c.msgtype in types})
-        raise UsageError(f"topic {topic!r} is not in the bag; {what} topics there: {present or 'none'}")
-    bad = {c.msgtype for c in connections} - set(types)
-    if bad:
-        raise UsageError(f"topic {topic!r} has type {sorted(bad)}, expected {' or '.join(types)}")
-    return connections
 
 
 def read_frames(
@@ -443,31 +421,6 @@ def csv_writer(stream: TextIO, child_frame: str):
 def tum_writer(stream: TextIO):
     stream.write("# timestamp tx ty tz qx qy qz qw\n")
     return lambda frame, pose: stream.write(" ".join([frame.timestamp, *trajectory_values(pose)]) + "\n")
-
-
-class StagedPath:
-    """An output written under a temporary name beside its destination, then moved into place or removed.
-
-    The staging folder sits in the destination's directory (same file system, so the
-    move is a rename) and the output keeps its final name inside it, so a bag's
-    ``metadata.yaml`` names the right files.
-    """
-
-    def __init__(self, final: str | os.PathLike):
-        self.final = Path(final)
-        self.folder = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".partial", dir=self.final.parent))
-        self.path = self.folder / self.final.name
-
-    def commit(self) -> None:
-        if self.final.is_dir() and not self.final.is_symlink():
-            shutil.rmtree(self.final)
-        elif self.final.exists() or self.final.is_symlink():
-            self.final.unlink()
-        os.replace(self.path, self.final)
-        self.folder.rmdir()
-
-    def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- main

@@ -9,7 +9,7 @@ from helpers import ROOM_K, room_map, room_pose
 from ros2_posenet.geometry import matrix_to_pose, pose_to_matrix
 from ros2_posenet.inference import PosePrediction
 from ros2_posenet.geometric.refiner import RefinementConfig, perturb_pose, pose_difference
-from ros2_posenet.ros.refinement import FALLBACK, NO_CAMERA_INFO, REFINED, NodeRefinement, _Undistorter
+from ros2_posenet.ros.refinement import FALLBACK, NO_CAMERA_INFO, REFINED, NodeRefinement, Undistorter
 from ros2_posenet.ros.camera_info import intrinsics_from_camera_info
 from ros2_posenet.geometric.scene_map import MapError
 
@@ -93,7 +93,7 @@ def test_a_different_live_camera_is_reported_once(room):
 def test_distorted_images_are_undistorted_with_the_camera_info_coefficients():
     rng = np.random.default_rng(0)
     rgb = cv2.GaussianBlur(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8), (7, 7), 2)
-    undistort = _Undistorter()
+    undistort = Undistorter()
     assert undistort(rgb, intrinsics_from_camera_info(camera_info())) is rgb  # no distortion: no copy
     intrinsics = intrinsics_from_camera_info(camera_info(d=(-0.2, 0.05, 0.0, 0.0, 0.0)))
     expected = cv2.undistort(rgb, intrinsics.K, intrinsics.distortion)
