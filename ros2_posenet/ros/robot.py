@@ -110,13 +110,14 @@ class RobotInterfaces:
             waiting, self._waiting = self._waiting, []
             self._last = pose
         if s.initial_pose == "once" and not self._seeded_once and not waiting:
-            self._seed_once(s, pose)
+            self._seed_and_spend_once(s, pose)
         if waiting:
             success, text = self._answer(s, pose)
             for answer in waiting:
                 answer.set(success, text)
 
-    def _seed_once(self, s, pose: tuple) -> tuple[bool, str]:
+    def _seed_and_spend_once(self, s, pose: tuple) -> tuple[bool, str]:
+        """Seed /initialpose with ``pose`` (any mode but off); a seed in `once` mode spends it."""
         seeded, note = self._seed(s, *pose)
         if seeded and s.initial_pose == "once":
             self._seeded_once = True
@@ -124,7 +125,7 @@ class RobotInterfaces:
 
     def _answer(self, s, pose: tuple) -> tuple[bool, str]:
         """A ~/relocalize answer for ``pose`` (on_relocalized's arguments), seeding /initialpose unless off."""
-        seeded, seed_note = self._seed_once(s, pose) if s.initial_pose != "off" else (False, "initial_pose off")
+        seeded, seed_note = self._seed_and_spend_once(s, pose) if s.initial_pose != "off" else (False, "initial_pose off")
         T_map_base, covariance, map_frame, stamp, refined = pose
         verified = "" if refined is None else ("; verified by the map" if refined else "; not verified by the map (regressor only)")
         text = f"{describe_pose(T_map_base, covariance, map_frame, stamp)}{verified}; {s.initial_pose_topic}: {seed_note}"
