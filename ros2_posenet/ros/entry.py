@@ -29,6 +29,7 @@ def _run(module: str) -> int:
     previous = signal.signal(signal.SIGINT, _exit_quietly)
     try:
         main = importlib.import_module(module).main
+        _let_rclpy_handle_sigterm()  # pycolmap is imported here too: a Ctrl-C inside it becomes a RuntimeError
     finally:
         signal.signal(signal.SIGINT, previous)
     try:
@@ -49,6 +50,7 @@ def run_node(node_class: type, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argument_parser().parse_args(rclpy.utilities.remove_ros_args(["prog", *argv])[1:])
     _let_rclpy_handle_sigterm()
+    interrupted = _record_interrupts()
     node = None
     try:
         rclpy.init(args=["prog", *argv])
@@ -57,8 +59,8 @@ def run_node(node_class: type, argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as err:
-        if not rclpy.ok():
-            pass  # Ctrl-C during start-up: rclpy's signal handler shut the context down under us
+        if interrupted.is_set() or not rclpy.ok():
+            pass  # Ctrl-C surfacing inside an extension call (pybind11 wraps it), or the context shut down under us
         elif isinstance(err, (ConfigurationError, CheckpointError)):
             rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {err}")
             return EXIT_CONFIGURATION_ERROR
@@ -67,6 +69,25 @@ def run_node(node_class: type, argv: list[str] | None = None) -> int:
     finally:
         _shut_down_quietly(node)
     return node.exit_code if node is not None else 0
+
+
+def _record_interrupts() -> threading.Event:
+    """Python's SIGINT handler, which rclpy's own handler chains to: it records the Ctrl-C, then raises as usual.
+
+    A ``KeyboardInterrupt`` raised while pybind11 converts a call's arguments (rclpy taking a
+    message, say) reaches us as a ``RuntimeError``, and rclpy shuts the context down from its
+    own thread a moment later, so ``rclpy.ok()`` alone cannot tell that error from a real one.
+    """
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return interrupted  # main() called from a test's thread: signals are not ours to handle
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return interrupted
 
 
 def _let_rclpy_handle_sigterm() -> None:

@@ -78,3 +78,68 @@ def test_signals_while_the_workers_are_busy_exit_cleanly(tmp_path_factory, tmp_p
     assert process.returncode == 0, output[-4000:]
     for bad in ("Traceback", "terminate called", "[ERROR]", "[FATAL]", "KeyboardInterrupt"):
         assert bad not in output, output[-4000:]
+
+
+def _run_python(code: str, cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
+    paths = [str(p) for p in (extra_path, ROOT) if p is not None]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+# What pycolmap's __init__ does to a Ctrl-C that lands while its C++ core loads (CI, 2026-12-06).
+_PYCOLMAP_INTERRUPTED_WHILE_IMPORTING = '''
+import os, signal, time
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(10)
+except KeyboardInterrupt as err:
+    raise RuntimeError("Cannot import the C++ backend pycolmap._core.") from err
+'''
+
+
+def test_ctrl_c_while_pycolmap_loads_exits_quietly(tmp_path):
+    """pycolmap is imported before rclpy.init (see entry._let_rclpy_handle_sigterm); a Ctrl-C in it is start-up, so exit 0."""
+    (tmp_path / "pycolmap").mkdir()
+    (tmp_path / "pycolmap" / "__init__.py").write_text(_PYCOLMAP_INTERRUPTED_WHILE_IMPORTING)
+    result = _run_python("import sys; from ros2_posenet.ros.entry import posenet_node; sys.argv[1:] = ['--ros-args', '-p', 'device:=cpu']; posenet_node()",
+                         tmp_path, extra_path=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+# A node whose callback sees the Ctrl-C the way an rclpy call sees it when the KeyboardInterrupt is
+# raised while pybind11 converts arguments: as a RuntimeError. Python's handler is called directly,
+# so rclpy's own handler has not shut the context down yet (the race CI hit with two quick SIGINTs).
+_NODE_SEES_A_WRAPPED_INTERRUPT = '''
+import signal, sys
+from rclpy.node import Node
+from ros2_posenet.ros.entry import run_node
+
+class WrappedInterrupt(Node):
+    exit_code = 0
+
+    def __init__(self):
+        super().__init__("wrapped_interrupt")
+        self.create_timer(0.05, self.tick)
+
+    def tick(self):
+        try:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        except KeyboardInterrupt as err:
+            raise RuntimeError("Unable to convert call argument '0' to Python object") from err
+
+sys.exit(run_node(WrappedInterrupt, []))
+'''
+
+
+def test_an_interrupt_wrapped_by_an_extension_call_is_a_clean_shutdown(tmp_path):
+    result = _run_python(_NODE_SEES_A_WRAPPED_INTERRUPT, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_real_error_in_a_callback_still_fails_loudly(tmp_path):
+    """The interrupt record must not hide genuine errors: the same RuntimeError without a Ctrl-C is a crash."""
+    code = _NODE_SEES_A_WRAPPED_INTERRUPT.replace("signal.getsignal(signal.SIGINT)(signal.SIGINT, None)", "raise KeyboardInterrupt")
+    result = _run_python(code, tmp_path)
+    assert result.returncode != 0 and "Unable to convert call argument" in result.stderr
