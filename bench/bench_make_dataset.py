@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "test"), str(ROOT / "test" / "tools")]
 
@@ -54,6 +56,10 @@ def main() -> None:
         rc = t.main([str(bag), "--image-topic", "/camera/image_raw", "--pose-source", "sfm", "--align-to", f"tf:map:{t.CAMERA}",
                      "--out", str(out), "--test-fraction", "0", "--quiet", *t.KEEP_ALL])
         print(f"make-dataset sfm on {a.sfm_frames} frames: rc {rc}, {time.perf_counter() - start:.1f} s wall")
+        if rc == 0:
+            s = yaml.safe_load((out / "dataset.yaml").read_text())["sfm"]
+            print(f"  {s['mapper']} mapping, {s['matcher']} matching: registered {s['registered']}/{s['frames']} in {s['seconds']} s; "
+                  f"alignment residual RMS {1000 * s['alignment']['residual_rms_m']:.1f} mm, median {1000 * s['alignment']['residual_median_m']:.1f} mm")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """SfM route of posenet-make-dataset on real images: hololens-office (7-Scenes layout, JPEG, true poses).
 
-    python bench/bench_make_dataset_sfm_real.py --root ../shared/data/hololens-office --work /tmp/bench_md_real
+    python bench/bench_make_dataset_sfm_real.py --root ../shared/data/hololens-office --work /tmp/bench_md_real [--mapper incremental]
 
 The images go into a bag as CompressedImage (the JPEG bytes as recorded) at 10 Hz with their CameraInfo,
+in the order they were recorded (``frames.txt``: the test frames are blocks cut out of one walk, so the
+seq-01 + seq-02 file order jumps in time, which breaks sequential matching),
 and the true camera poses as a PoseStamped topic, which --align-to uses for metric scale and gravity;
 the written poses are then compared with the true ones (the usual ATE after a similarity alignment).
 """
@@ -25,11 +27,18 @@ from ros2_posenet.geometry import matrix_to_pose, rotation_angle_deg_np  # noqa:
 from ros2_posenet.tools.make_dataset import main as make_dataset  # noqa: E402
 
 
+def recording_order(root: Path) -> list[Path]:
+    """The colour frames in the order of the original walk (``frames.txt``: sequence/frame, position)."""
+    rows = [line.split() for line in (root / "frames.txt").read_text().splitlines() if line and not line.startswith("#")]
+    return [root / f"{name}.color.jpg" for name, _, _ in sorted(rows, key=lambda row: int(row[1]))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--root", type=Path, default=ROOT.parent / "shared" / "data" / "hololens-office")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_md_real"))
     p.add_argument("--matcher", default="auto")
+    p.add_argument("--mapper", default="global")
     a = p.parse_args()
     if not a.root.is_dir():
         print(f"skipped: {a.root} not found")
@@ -37,7 +46,7 @@ def main() -> None:
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
     K, size = read_intrinsics_file(a.root / "intrinsics.txt")
-    images = sorted(a.root.glob("seq-*/frame-*.color.jpg"))
+    images = recording_order(a.root)
     stamps = t.image_stamps(len(images))
     truth = {}
     with Writer(a.work / "bag", version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.SQLITE3) as writer:
@@ -56,9 +65,12 @@ def main() -> None:
     out = a.work / "ds"
     start = time.perf_counter()
     rc = make_dataset([str(a.work / "bag"), "--image-topic", "/camera/image_raw/compressed", "--pose-source", "sfm",
-                       "--align-to", "topic:/truth", "--pose-frame", t.CAMERA, "--matcher", a.matcher, "--out", str(out),
+                       "--align-to", "topic:/truth", "--pose-frame", t.CAMERA, "--matcher", a.matcher, "--mapper", a.mapper, "--out", str(out),
                        "--test-fraction", "0", "--quiet", *t.KEEP_ALL])
     wall = time.perf_counter() - start
+    if rc != 0:
+        print(f"rc {rc} after {wall:.0f} s wall: no dataset (the error line above says why)")
+        return
     meta = yaml.safe_load((out / "dataset.yaml").read_text())
     rows = [r.split(",") for r in (out / "frames.csv").read_text().splitlines()[1:]]
     errors = []

@@ -109,3 +109,24 @@ def base_args(bag, out, checkpoint, *extra):
     """Command line for one run; torch unless ``extra`` names another backend (the last flag wins)."""
     return [str(bag), "--topic", TOPIC, "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu", "--backend", "torch",
             *map(str, extra)]
+
+
+def compressed_depth_msg(header, depth: np.ndarray, encoding: str = "16UC1", depth_max: float = 10.0, depth_quantization: float = 100.0):
+    """A ``sensor_msgs/CompressedImage`` as compressed_depth_image_transport publishes it (``"<enc>; compressedDepth png"``).
+
+    12-byte header (int32 format = 0, float32 quant_a, quant_b), then a 16-bit PNG: ``depth`` (uint16 mm) itself for
+    16UC1, or for 32FC1 (``depth`` in metres) the inverse depth ``quant_a / d + quant_b`` truncated to uint16, 0 at or
+    beyond ``depth_max`` or NaN, with the plugin's default quantisation.
+    """
+    if encoding == "32FC1":
+        quant_a = depth_quantization * (depth_quantization + 1.0)
+        quant_b = 1.0 - quant_a / depth_max
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pixels = np.where(depth < depth_max, quant_a / depth + quant_b, 0.0)
+        pixels = np.nan_to_num(pixels, nan=0.0).astype(np.uint16)
+    else:
+        quant_a = quant_b = 0.0
+        pixels = depth.astype(np.uint16)
+    head = np.array([(0, quant_a, quant_b)], dtype=[("format", "<i4"), ("a", "<f4"), ("b", "<f4")]).view(np.uint8)
+    data = np.concatenate([head, cv2.imencode(".png", pixels)[1].reshape(-1)])
+    return TS.types["sensor_msgs/msg/CompressedImage"](header=header, format=f"{encoding}; compressedDepth png", data=data)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
+import cv2
 import numpy as np
 
 from ..frames import CameraMount
@@ -26,9 +27,11 @@ from .tf_buffer import NANOSECONDS, PoseSeries, TransformChainError, TransformTr
 log = logging.getLogger("make-dataset")
 
 POSE_TYPES = ("geometry_msgs/msg/PoseStamped", "geometry_msgs/msg/PoseWithCovarianceStamped", ODOMETRY_TYPE)
-DEPTH_TYPES = ("sensor_msgs/msg/Image",)
+DEPTH_TYPES = IMAGE_TYPES  # raw, or CompressedImage from compressed_depth_image_transport
 DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")  # millimetres, millimetres, metres (REP-118)
 DEPTH_MAX_MM = 65534  # 65535 is the 7-Scenes "invalid" value
+# compressed_depth_image_transport's ConfigHeader before the PNG: int32 format, float32 depthParam[2] (little-endian)
+COMPRESSED_DEPTH_HEADER = np.dtype([("format", "<i4"), ("quant_a", "<f4"), ("quant_b", "<f4")])
 
 
 def stamp_ns(stamp) -> int:
@@ -239,15 +242,53 @@ def first_image_frame(reader, typestore, topic: str) -> tuple[str, bool]:
 
 
 def depth_to_millimetres(msg) -> np.ndarray:
-    """A depth ``sensor_msgs/Image`` as uint16 millimetres, 0 where invalid (NaN, <= 0, beyond 65.534 m)."""
+    """A depth ``sensor_msgs/Image`` (or compressedDepth ``CompressedImage``) as uint16 millimetres, 0 where invalid
+    (NaN, <= 0, beyond 65.534 m)."""
+    if hasattr(msg, "format"):
+        return compressed_depth_to_millimetres(msg)
     if msg.encoding not in DEPTH_ENCODINGS:
         raise ImageConversionError(f"depth encoding {msg.encoding!r} is not one of {', '.join(DEPTH_ENCODINGS)}", "unsupported_encoding")
     if msg.encoding == "32FC1":
-        metres = _float_depth(msg)
+        return _metres_to_millimetres(_float_depth(msg))
+    return _valid_millimetres(raw_image_to_array(msg))
+
+
+def _metres_to_millimetres(metres: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
         mm = np.where(np.isfinite(metres) & (metres > 0), np.round(metres * 1000.0), 0.0)
-        return np.where(mm > DEPTH_MAX_MM, 0, mm).astype(np.uint16)
-    mm = raw_image_to_array(msg).astype(np.uint16)
+    return _valid_millimetres(mm)
+
+
+def _valid_millimetres(mm: np.ndarray) -> np.ndarray:
     return np.where(mm > DEPTH_MAX_MM, 0, mm).astype(np.uint16)
+
+
+def compressed_depth_to_millimetres(msg) -> np.ndarray:
+    """compressed_depth_image_transport's ``"16UC1; compressedDepth png"`` / ``"32FC1; compressedDepth png"``.
+
+    The data is a 12-byte header, then a 16-bit PNG: the millimetres themselves for 16UC1; for
+    32FC1 a quantised inverse depth ``q`` with ``depth = quant_a / (q - quant_b)`` metres (``q = 0``:
+    no depth). A format without ``;`` is the plugin's first version (png). RVL is not read.
+    """
+    encoding, _, compression = msg.format.partition(";")
+    encoding, compression = encoding.strip(), compression.strip()
+    if compression and compression not in ("compressedDepth", "compressedDepth png"):
+        raise ImageConversionError(f"depth format {msg.format!r}: only compressedDepth png is read (not rvl, jpeg...)", "unsupported_encoding")
+    if encoding not in DEPTH_ENCODINGS:
+        raise ImageConversionError(f"compressed depth encoding {encoding!r} is not one of {', '.join(DEPTH_ENCODINGS)}", "unsupported_encoding")
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    size = COMPRESSED_DEPTH_HEADER.itemsize
+    if data.size <= size:
+        raise ImageConversionError(f"compressedDepth image of {data.size} bytes: no room for its {size}-byte header and PNG", "truncated_image")
+    header = data[:size].view(COMPRESSED_DEPTH_HEADER)[0]
+    pixels = cv2.imdecode(data[size:], cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.ndim != 2 or pixels.dtype != np.uint16:
+        raise ImageConversionError(f"compressedDepth data after the {size}-byte header is not a 16-bit one-channel PNG", "corrupt_compressed")
+    if encoding != "32FC1":
+        return _valid_millimetres(pixels)
+    with np.errstate(divide="ignore"):
+        metres = np.where(pixels > 0, float(header["quant_a"]) / (pixels.astype(np.float64) - float(header["quant_b"])), np.nan)
+    return _metres_to_millimetres(metres)
 
 
 def _float_depth(msg) -> np.ndarray:

@@ -118,10 +118,12 @@ def _incremental_options(pycolmap):
 
 
 def _global_options(pycolmap):
+    """Intrinsics fixed as for the incremental mapper (pycolmap 4 keeps the switches in ``mapper.bundle_adjustment``)."""
     options = pycolmap.GlobalPipelineOptions()
-    for name in ("ba_refine_focal_length", "ba_refine_principal_point", "ba_refine_extra_params"):
-        if hasattr(options, name):
-            setattr(options, name, False)
+    options.random_seed = 0
+    bundle_adjustment = options.mapper.bundle_adjustment
+    for name in ("refine_focal_length", "refine_principal_point", "refine_extra_params"):
+        setattr(bundle_adjustment, name, False)
     return options
 
 

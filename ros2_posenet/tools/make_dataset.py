@@ -5,6 +5,8 @@
         --pose-source tf:map:camera_color_optical_frame --out data/my_site
     posenet-make-dataset recording/ --image-topic /camera/image_raw --pose-source topic:/slam/pose --out data/my_site
     posenet-make-dataset recording/ --image-topic /camera/image_raw --pose-source sfm --out data/my_site
+    posenet-make-dataset --video walk.mp4 --camera-info camera.yaml --known-distance 0 12.5 3.2 --out data/my_site
+    posenet-make-dataset --images photos/ --intrinsics 525 525 319.5 239.5 --known-distance 0 4 1.5 --out data/my_site
 
 Poses (camera optical frame in the map) come from TF (``/tf`` + ``/tf_static``, looked up at
 each image's header stamp), from a pose topic (``PoseStamped``, ``PoseWithCovarianceStamped``,
@@ -17,6 +19,12 @@ when it is registered to the colour image. Near-duplicate and blurred frames are
 train/test are blocks of time (or ``--test-bag``), never interleaved frames. The dataset is
 written under a temporary name and moved into place only when complete; ``dataset.yaml``
 records the sources, settings and counts.
+
+A plain video (``--video``) or a folder of images (``--images``, sorted by name) has no poses:
+it goes to SfM, with the intrinsics from a ROS camera-calibration YAML (``--camera-info``) or
+``--intrinsics``, metric scale from ``--known-distance`` (stamps are seconds from the first
+frame: the video's frame times, or file order at ``--fps``), and the same selection, split and
+staging.
 """
 from __future__ import annotations
 
@@ -26,17 +34,19 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 from rosbags.rosbag2 import Reader, ReaderError
 from rosbags.typesys import Stores, get_typestore
 
-from ..dataset_maker import bag_source, sfm
+from ..dataset_maker import bag_source, image_source, sfm
 from ..dataset_maker.bag_source import PoseSourceSpec, TfPoses, seconds
 from ..dataset_maker.selection import FrameSelector, SelectionConfig, SplitConfig, cap_indices, sequences_of, time_block_split
-from ..dataset_maker.tf_buffer import TransformChainError
+from ..dataset_maker.tf_buffer import NANOSECONDS, TransformChainError
 from ..dataset_maker.writer import FrameRecord, DatasetWriter, check_output
 from ..ros.camera_info import CameraInfoError, CameraIntrinsics
 from ..ros.image import ImageConversionError, msg_to_rgb
@@ -51,13 +61,23 @@ PROG = "posenet-make-dataset"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s, sp = SelectionConfig(), SplitConfig()
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("input", help="rosbag2 (directory, or a .mcap/.db3 file)")
+    p.add_argument("input", nargs="?", help="rosbag2 (directory, or a .mcap/.db3 file); or --images / --video")
+    plain = p.add_argument_group("plain images instead of a bag (poses from SfM)")
+    plain.add_argument("--images", metavar="DIR", help="folder of image files (png, jpg, ...), taken in name order")
+    plain.add_argument("--video", metavar="FILE", help="video file OpenCV can read (mp4, avi, mkv, ...)")
+    plain.add_argument("--fps", type=float, default=10.0, help="--images: frames per second the stamps assume (default 10)")
+    plain.add_argument("--camera-info", metavar="FILE.yaml",
+                       help="ROS camera-calibration YAML (camera_calibration / camera_info_manager format); with a bag it "
+                            "replaces the CameraInfo topic")
+    plain.add_argument("--intrinsics", type=float, nargs=4, metavar=("FX", "FY", "CX", "CY"),
+                       help="pinhole intrinsics of the images (px, no distortion) instead of --camera-info")
     p.add_argument("--out", required=True, help="dataset folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--image-topic", required=True, help="sensor_msgs/Image or CompressedImage topic")
+    p.add_argument("--image-topic", help="sensor_msgs/Image or CompressedImage topic (bags)")
     p.add_argument("--camera-info-topic", help="CameraInfo topic (default: beside the image topic, as image_transport names it)")
-    p.add_argument("--depth-topic", help="depth image registered to the colour image (16UC1 mm or 32FC1 m)")
-    p.add_argument("--pose-source", required=True, help="tf:MAP_FRAME[:CAMERA_OPTICAL_FRAME], topic:/pose_topic, or sfm")
+    p.add_argument("--depth-topic", help="depth image registered to the colour image (16UC1 mm or 32FC1 m; raw or compressedDepth png)")
+    p.add_argument("--pose-source", help="tf:MAP_FRAME[:CAMERA_OPTICAL_FRAME], topic:/pose_topic, or sfm (the only one, and the "
+                                         "default, for --images / --video)")
     p.add_argument("--camera-frame", help="the images' optical frame (default: their header frame_id)")
     p.add_argument("--pose-frame", help="frame a pose topic poses (default: Odometry's child_frame_id, else base_link)")
     p.add_argument("--camera-to-base", type=float, nargs=6, metavar=("X", "Y", "Z", "ROLL", "PITCH", "YAW"),
@@ -81,10 +101,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            help="metric scale and gravity from: auto (the bag's Odometry, else another pose topic), "
                                 "topic:/name, tf:PARENT:CHILD, or none (then --known-distance)")
     sfm_group.add_argument("--known-distance", nargs=3, type=float, metavar=("STAMP_A", "STAMP_B", "METRES"),
-                           help="distance between the frames stamped nearest STAMP_A and STAMP_B (s)")
+                           help="distance between the frames stamped nearest STAMP_A and STAMP_B (s; for --images / --video, "
+                                "seconds from the first frame)")
     sfm_group.add_argument("--matcher", choices=sfm.MATCHERS, default="auto",
                            help=f"image pairs to match: exhaustive up to {sfm.EXHAUSTIVE_UP_TO} frames, else sequential (auto)")
-    sfm_group.add_argument("--mapper", choices=sfm.MAPPERS, default="incremental")
+    sfm_group.add_argument("--mapper", choices=sfm.MAPPERS,
+                           help="incremental (default for bags, whose reference catches a bent reconstruction: registers only "
+                                "well-constrained frames) or global (GLOMAP: rotation averaging + global positioning; default for "
+                                "--images / --video, which have no reference; right where incremental bends a walking video)")
+    sfm_group.add_argument("--max-alignment-residual", type=float, default=0.25, metavar="METRES",
+                           help="refuse SfM poses whose alignment to the reference leaves a larger RMS residual (default 0.25): "
+                                "the reconstruction or the reference is wrong, and wrong labels are worse than none")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -95,7 +122,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(err))
     if args.tf_tolerance < 0 or args.depth_tolerance < 0:
         p.error("tolerances must be >= 0")
+    _check_input_options(p, args)
     return args
+
+
+def _check_input_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One input; a bag needs its topic and pose source, plain images SfM, a calibration and a known distance."""
+    given = [name for name, value in (("a bag", args.input), ("--images", args.images), ("--video", args.video)) if value]
+    if len(given) != 1:
+        p.error(f"give one input: a bag, --images DIR or --video FILE (got {' and '.join(given) or 'none'})")
+    if args.camera_info and args.intrinsics:
+        p.error("give --camera-info or --intrinsics, not both")
+    if args.input:
+        args.mapper = args.mapper or "incremental"
+        for name in ("image_topic", "pose_source"):
+            if not getattr(args, name):
+                p.error(f"a bag needs --{name.replace('_', '-')}")
+        if args.intrinsics:
+            p.error("--intrinsics is for --images / --video; a bag's calibration is its CameraInfo (or --camera-info)")
+        return
+    flag = "--images" if args.images else "--video"
+    args.pose_source = args.pose_source or "sfm"
+    args.mapper = args.mapper or "global"
+    if args.pose_source != "sfm":
+        p.error(f"{flag} has no poses: --pose-source must be sfm")
+    for name in ("image_topic", "depth_topic", "camera_info_topic", "test_bag"):
+        if getattr(args, name):
+            p.error(f"--{name.replace('_', '-')} is for bags, not {flag}")
+    if not (args.camera_info or args.intrinsics):
+        p.error(f"{flag} needs the camera's calibration: --camera-info FILE.yaml or --intrinsics FX FY CX CY")
+    if args.known_distance is None:
+        p.error(f"{flag} needs metric scale: --known-distance STAMP_A STAMP_B METRES (seconds from the first frame)")
+    if args.align_to not in ("auto", "none"):
+        p.error(f"--align-to is for bags; {flag} takes its scale from --known-distance")
 
 
 @dataclass
@@ -140,7 +199,11 @@ class Maker:
             image_frame, compressed = bag_source.first_image_frame(reader, self.typestore, self.args.image_topic)
             camera_frame = self.spec.camera_frame or self.args.camera_frame or image_frame
             info_topic = self.args.camera_info_topic or camera_info_topic_of(self.args.image_topic, compressed)
-            self._set_intrinsics(bag_source.read_camera_info(reader, self.typestore, info_topic), path)
+            if self.args.camera_info:
+                info_topic = f"none (--camera-info {self.args.camera_info})"
+                self._set_intrinsics(image_source.read_calibration_yaml(self.args.camera_info), path)
+            else:
+                self._set_intrinsics(bag_source.read_camera_info(reader, self.typestore, info_topic), path)
             poses, reference = self._pose_sources(reader, camera_frame)
             if self.spec.kind == "sfm" and reference is None and self.args.known_distance is None and role == "split":
                 raise UsageError("SfM poses need metric scale: the bag has no odometry or pose topic to align to; "
@@ -151,9 +214,22 @@ class Maker:
                 recording.info["poses"] = poses.describe()
             if reference is not None:
                 recording.info["alignment_reference"] = reference.describe()
-            self._read_images(reader, recording, poses, reference)
+            images = bag_source.read_images(reader, self.typestore, self.args.image_topic, self.skipped)
+            self._select_frames(recording, ((m.stamp, partial(msg_to_rgb, m.msg)) for m in images), poses, reference)
             if self.args.depth_topic and recording.records:
                 self._read_depth(reader, recording, camera_frame)
+        return recording
+
+    def read_plain(self, source: image_source.ImageInput) -> Recording:
+        """An image folder or a video: no poses (SfM gives them), the calibration from the command line."""
+        recording = Recording(str(source.path), "split")
+        if self.args.camera_info:
+            intrinsics, calibration = image_source.read_calibration_yaml(self.args.camera_info), str(Path(self.args.camera_info).resolve())
+        else:
+            intrinsics, calibration = image_source.intrinsics_from_values(self.args.intrinsics, source.size), "--intrinsics"
+        self._set_intrinsics(intrinsics, str(source.path))
+        self._select_frames(recording, ((f.stamp, f.load) for f in source.frames()), None, None)
+        recording.info = {**source.describe(), "calibration": calibration, "camera_frame": "camera", "pose_source": self.spec.describe()}
         return recording
 
     def _set_intrinsics(self, intrinsics: CameraIntrinsics, path: str) -> None:
@@ -214,24 +290,25 @@ class Maker:
         return bag_source.topic_poses(reader, self.typestore, topic, camera_frame, self.args.pose_frame, self.args.camera_to_base,
                                       self.args.tf_tolerance, self.skipped)
 
-    def _read_images(self, reader, recording: Recording, poses, reference) -> None:
+    def _select_frames(self, recording: Recording, frames: Iterator[tuple[int, Callable[[], np.ndarray]]], poses, reference) -> None:
+        """Keep, undistort and write the frames ``(stamp, decode)`` that pass the selection, in recording order."""
         selector = FrameSelector(self.args.selection)
-        for image in bag_source.read_images(reader, self.typestore, self.args.image_topic, self.skipped):
+        for stamp, decode in frames:
             pose = None
             if poses is not None:
-                pose = poses(image.stamp)
+                pose = poses(stamp)
                 if pose is None:
                     self.skipped["no pose within the tolerance on both sides"] += 1
                     continue
-            reason = selector.duplicate(image.stamp, pose)
+            reason = selector.duplicate(stamp, pose)
             if reason:
                 self.skipped[reason] += 1
                 continue
             try:
-                rgb = msg_to_rgb(image.msg)
+                rgb = decode()
             except ImageConversionError as err:
                 self.skipped["undecodable image"] += 1
-                log.warning("skipping image stamped %s: %s", seconds(image.stamp), err)
+                log.warning("skipping image stamped %s: %s", seconds(stamp), err)
                 continue
             if self._check_size(rgb) is False:
                 continue
@@ -242,12 +319,12 @@ class Maker:
             index = self.next_index
             self.next_index += 1
             self.writer.write_colour(index, self.undistort(rgb, self.camera))
-            recording.records.append(FrameRecord(index, image.stamp, pose))
+            recording.records.append(FrameRecord(index, stamp, pose))
             if reference is not None:
-                T = reference(image.stamp)
+                T = reference(stamp)
                 if T is not None:
                     recording.references[index] = T
-            selector.keep(image.stamp, pose)
+            selector.keep(stamp, pose)
 
     @property
     def camera(self) -> CameraIntrinsics:
@@ -271,17 +348,17 @@ class Maker:
         wanted = {r.stamp: r.index for r in recording.records}
         by_index = {r.index: r for r in recording.records}
         for index, msg in bag_source.read_depth(reader, self.typestore, self.args.depth_topic, wanted, self.args.depth_tolerance, self.skipped):
-            problem = self._registration_problem(msg, camera_frame)
-            if problem:
-                self.depth_info.update(registered=False, reason=problem)
-                log.warning("depth on %s is not written: %s", self.args.depth_topic, problem)
-                return
             try:
                 mm = bag_source.depth_to_millimetres(msg)
             except ImageConversionError as err:
                 self.skipped["undecodable depth"] += 1
                 log.warning("depth stamped %s: %s", seconds(bag_source.stamp_ns(msg.header.stamp)), err)
                 continue
+            problem = self._registration_problem(mm, msg.header.frame_id, camera_frame)
+            if problem:
+                self.depth_info.update(registered=False, reason=problem)
+                log.warning("depth on %s is not written: %s", self.args.depth_topic, problem)
+                return
             self.writer.write_depth(index, self.undistort(mm, self.camera, cv2.INTER_NEAREST))
             by_index[index].depth = True
         self.depth_info.update(registered=True, encoding="uint16 millimetres, 0 = invalid")
@@ -292,10 +369,10 @@ class Maker:
             self.skipped["no depth image within the tolerance"] += len(missing)
         recording.records[:] = [r for r in recording.records if r.depth]
 
-    def _registration_problem(self, msg, camera_frame: str) -> str | None:
-        frame = msg.header.frame_id.lstrip("/")
-        if (msg.width, msg.height) != self.size:
-            return f"its images are {msg.width}x{msg.height}, the colour images {self.size[0]}x{self.size[1]} (record the aligned depth topic)"
+    def _registration_problem(self, mm: np.ndarray, frame_id: str, camera_frame: str) -> str | None:
+        frame, (height, width) = frame_id.lstrip("/"), mm.shape
+        if (width, height) != self.size:
+            return f"its images are {width}x{height}, the colour images {self.size[0]}x{self.size[1]} (record the aligned depth topic)"
         if frame != camera_frame:
             return f"it is in frame '{frame}', the colour images in '{camera_frame}' (record the depth aligned to colour)"
         return None
@@ -337,16 +414,39 @@ class Maker:
                 similarity, residuals = sfm.similarity_to(sfm_poses[:, :3, 3], metric_poses[:, :3, 3])
                 method = "similarity to the reference positions"
             source = next(rec.info["alignment_reference"] for rec in recordings if "alignment_reference" in rec.info)
+            rms = float(np.sqrt(np.mean(residuals ** 2)))
+            if rms > self.args.max_alignment_residual:
+                raise sfm.SfmError(f"the SfM poses do not fit the reference ({source.get('map_frame', '')}): alignment residual RMS "
+                                   f"{rms:.3f} m over {len(pairs)} frames, more than --max-alignment-residual "
+                                   f"{self.args.max_alignment_residual:g} m (SfM registered {len(registered)} frames; "
+                                   f"a wrong reconstruction, or a drifting reference; try --mapper "
+                                   f"{'global' if self.args.mapper == 'incremental' else 'incremental'})")
             return similarity, {"method": method, "reference": source, "frames": len(pairs),
                                 "scale": similarity.scale, "residual_rms_m": float(np.sqrt(np.mean(residuals ** 2))),
                                 "residual_median_m": float(np.median(residuals)), "residual_max_m": float(residuals.max())}
         a_stamp, b_stamp, metres = self.args.known_distance
         stamps = np.array([r.stamp for r, _ in registered], dtype=np.int64)
-        a, b = (int(np.argmin(np.abs(stamps - round(s * 1e9)))) for s in (a_stamp, b_stamp))
+        a, b = (self._registered_frame_at(recordings, stamps, s) for s in (a_stamp, b_stamp))
         poses = [T for _, T in registered]
         similarity = sfm.similarity_from_distance(poses, a, b, metres)
         return similarity, {"method": "known distance (scale); gravity from the cameras' mean down axis",
                             "frames": [seconds(int(stamps[a])), seconds(int(stamps[b]))], "metres": metres, "scale": similarity.scale}
+
+    @staticmethod
+    def _registered_frame_at(recordings: list[Recording], registered_stamps: np.ndarray, seconds_: float) -> int:
+        """Position among the registered frames of the selected frame stamped nearest ``seconds_``.
+
+        The distance was measured between two particular frames: when SfM did not register the
+        frame nearest a stamp, a neighbour would give a wrong scale, so that is an error.
+        """
+        wanted = round(seconds_ * NANOSECONDS)
+        selected = np.array([r.stamp for rec in recordings for r in rec.records], dtype=np.int64)
+        nearest = int(selected[np.argmin(np.abs(selected - wanted))])
+        hits = np.flatnonzero(registered_stamps == nearest)
+        if not hits.size:
+            raise sfm.SfmError(f"--known-distance: the frame stamped {seconds(nearest)} (nearest {seconds_:g} s) was not registered by SfM; "
+                               "measure the distance between two other frames")
+        return int(hits[0])
 
     # ------------------------------------------------------------------ layout
 
@@ -402,15 +502,16 @@ def run(args: argparse.Namespace) -> Summary:
         if path and not Path(path).exists():
             raise UsageError(f"{flag} {path} does not exist")
     PoseSourceSpec.parse(args.pose_source)
-    out = check_output(args.out, args.overwrite, [p for p in (args.input, args.test_bag) if p])
+    plain = None if args.input else image_source.open_image_input(args.images, args.video, args.fps)
+    out = check_output(args.out, args.overwrite, [p for p in (args.input, args.test_bag, args.images, args.video) if p])
     writer = DatasetWriter(out)
     try:
         maker = Maker(args, writer)
-        recordings = [maker.read(args.input, "split")]
+        recordings = [maker.read_plain(plain) if plain else maker.read(args.input, "split")]
         if args.test_bag:
             recordings.append(maker.read(args.test_bag, "test"))
         if not any(rec.records for rec in recordings):
-            raise UsageError(f"no frame was selected (skipped: {_counts(maker.skipped) or 'the image topic is empty'})")
+            raise UsageError(f"no frame was selected (skipped: {_counts(maker.skipped) or 'the input holds no image'})")
         extra = {}
         if maker.spec.kind == "sfm":
             extra["sfm"] = maker.solve_sfm(recordings)

@@ -358,7 +358,7 @@ def test_transform_tree_composes_static_and_dynamic_edges():
 # ----------------------------------------------------------------------------- poses from SfM
 
 
-def test_sfm_poses_after_alignment_match_the_scene(tmp_path):
+def test_sfm_poses_after_alignment_match_the_scene(tmp_path, capsys):
     """A quarter of a loop (30 frames of 120, 320x240): pycolmap with the CameraInfo fixed, aligned to the bag's TF."""
     config = SyntheticSceneConfig(width=320, height=240, frames_train=120, frames_test=1, train_sequences=1, test_sequences=1,
                                   num_points=0, formats=("7scenes",))
@@ -378,6 +378,20 @@ def test_sfm_poses_after_alignment_match_the_scene(tmp_path):
     rotation = [rotation_angle_deg_np(matrix_to_pose(T)[1], matrix_to_pose(truth[s])[1]) for s, T in got]
     assert np.median(position) <= 0.02 and np.median(rotation) <= 0.5
     assert meta["sfm"]["alignment"]["residual_rms_m"] < 0.02
+    # Poses that do not fit the reference are refused, not written.
+    assert make(bag, tmp_path / "strict", "--align-to", f"tf:map:{CAMERA}", "--test-fraction", "0", "--max-alignment-residual", "1e-6",
+                *KEEP_ALL, pose_source="sfm") == 2
+    assert "alignment residual RMS" in capsys.readouterr().err and not (tmp_path / "strict").exists()
+
+
+def test_both_mappers_keep_the_intrinsics_fixed():
+    """Free intrinsics absorb pose errors; pycolmap 4 moved the global mapper's switches (once silently ignored)."""
+    import pycolmap
+    from ros2_posenet.dataset_maker.sfm import _global_options, _incremental_options
+
+    incremental, bundle_adjustment = _incremental_options(pycolmap), _global_options(pycolmap).mapper.bundle_adjustment
+    assert not (incremental.ba_refine_focal_length or incremental.ba_refine_principal_point or incremental.ba_refine_extra_params)
+    assert not (bundle_adjustment.refine_focal_length or bundle_adjustment.refine_principal_point or bundle_adjustment.refine_extra_params)
 
 
 def test_sfm_needs_frames_and_a_scale(scene, tmp_path, capsys):
@@ -460,3 +474,189 @@ def test_known_distance_gives_metric_scale_and_gravity():
 
 def wxyz_from_yaw(yaw: float) -> np.ndarray:
     return np.array([np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)])
+
+
+# ----------------------------------------------------------------------------- compressedDepth
+
+
+def test_compressed_depth_gives_the_scene_depth(scene, tmp_path):
+    """compressed_depth_image_transport's 16UC1 png (the millimetres) and 32FC1 png (quantised inverse depth) read back.
+
+    16UC1 is lossless; 32FC1 loses at most the quantisation step d² / quant_a (0.9 mm at 3 m) plus the mm rounding.
+    """
+    from bag_helpers import compressed_depth_msg
+
+    _, train, _ = scene
+    frames, topic = train[:6], "/camera/depth/image_raw/compressedDepth"
+    for encoding in ("16UC1", "32FC1"):
+        extra = []
+        for (_, mm, _), ns in zip(frames, image_stamps(len(frames))):
+            depth = mm if encoding == "16UC1" else np.where(mm == 65535, np.nan, mm / 1000.0)
+            extra.append((ns + 6_000_000, topic, "sensor_msgs/msg/CompressedImage", compressed_depth_msg(header(ns, CAMERA), depth, encoding)))
+        bag = tmp_path / f"bag_{encoding}"
+        write_scene_bag(bag, frames, SCENE.K, (SCENE.width, SCENE.height), depth=False, extra=extra)
+        out = tmp_path / f"ds_{encoding}"
+        assert make(bag, out, "--depth-topic", topic, "--test-fraction", "0", *KEEP_ALL) == 0
+        assert yaml.safe_load((out / "dataset.yaml").read_text())["depth"]["registered"] is True
+        got = written_frames(out, "seq-01")
+        assert len(got) == len(frames)
+        for (_, mm, _), (_, mm_e, _) in zip(got, frames):
+            expected = np.where(mm_e == 65535, 0, mm_e).astype(np.int64)
+            if encoding == "16UC1":
+                np.testing.assert_array_equal(mm, expected)
+                continue
+            valid = (expected > 0) & (expected < 10_000)  # the plugin's depth_max: 10 m
+            np.testing.assert_array_equal(mm > 0, valid)
+            metres = expected[valid] / 1000.0
+            assert np.all(np.abs(mm[valid].astype(np.int64) - expected[valid]) <= 1000.0 * metres ** 2 / (100.0 * 101.0) + 1.0)
+
+
+def test_compressed_depth_that_cannot_be_read_is_refused():
+    from bag_helpers import compressed_depth_msg
+    from ros2_posenet.dataset_maker.bag_source import depth_to_millimetres
+    from ros2_posenet.ros.image import ImageConversionError
+
+    msg = compressed_depth_msg(header(T0, CAMERA), np.full((4, 5), 1500, np.uint16))
+    np.testing.assert_array_equal(depth_to_millimetres(msg), np.full((4, 5), 1500))
+    for fmt, data, text in (("16UC1; compressedDepth rvl", msg.data, "only compressedDepth png"),
+                            ("16UC1; compressedDepth png", msg.data[:12], "no room"),
+                            ("16UC1; compressedDepth png", msg.data[12:], "not a 16-bit one-channel PNG"),  # header missing
+                            ("bgr8; compressedDepth png", msg.data, "encoding 'bgr8'")):
+        bad = TS.types["sensor_msgs/msg/CompressedImage"](header=msg.header, format=fmt, data=data)
+        with pytest.raises(ImageConversionError, match=text):
+            depth_to_millimetres(bad)
+
+
+# ----------------------------------------------------------------------------- an image folder or a video
+
+
+VIDEO_SCENE = SyntheticSceneConfig(width=320, height=240, frames_train=120, frames_test=1, train_sequences=1, test_sequences=1,
+                                   num_points=0, formats=("7scenes",))
+
+
+@pytest.fixture(scope="module")
+def walk(tmp_path_factory):
+    """30 frames (a quarter loop, 3° apart) of a scene with enough texture for SfM; their poses."""
+    root = tmp_path_factory.mktemp("walk") / "scene"
+    generate_scene(root, VIDEO_SCENE)
+    return scene_frames(root, "seq-01")[17:47]
+
+
+def calibration_yaml(path: Path, K: np.ndarray, size, d=(0.0, 0.0, 0.0, 0.0, 0.0), **changes) -> Path:
+    """A calibration file as camera_calibration / camera_info_manager write it."""
+    data = {"image_width": size[0], "image_height": size[1], "camera_name": "front",
+            "camera_matrix": {"rows": 3, "cols": 3, "data": [float(v) for v in np.ravel(K)]},
+            "distortion_model": "plumb_bob", "distortion_coefficients": {"rows": 1, "cols": len(d), "data": list(d)},
+            "rectification_matrix": {"rows": 3, "cols": 3, "data": np.eye(3).ravel().tolist()},
+            "projection_matrix": {"rows": 3, "cols": 4, "data": np.hstack([K, np.zeros((3, 1))]).ravel().tolist()}}
+    data.update(changes)
+    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
+    return path
+
+
+def write_folder(folder: Path, frames) -> Path:
+    folder.mkdir()
+    for i, (rgb, _, _) in enumerate(frames):
+        cv2.imwrite(str(folder / f"img_{i:04d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def known_distance(frames, a: int, b: int, fps: float = 10.0) -> list[str]:
+    return ["--known-distance", str(a / fps), str(b / fps), str(np.linalg.norm(frames[a][2][:3, 3] - frames[b][2][:3, 3]))]
+
+
+def assert_sfm_poses_match(out: Path, frames, fps: float = 10.0) -> dict:
+    """The written poses equal the truth up to a rigid motion: scale within 2 % (metric), median 2 cm / 0.5°."""
+    from ros2_posenet.dataset_maker.sfm import similarity_with_rotations
+
+    meta = yaml.safe_load((out / "dataset.yaml").read_text())
+    rows = [row.split(",") for row in (out / "frames.csv").read_text().splitlines()[1:]]
+    assert len(rows) == meta["sfm"]["registered"] >= 25
+    got = np.array([read_pose_file(out / seq / f"{frame}.pose.txt") for seq, frame, _ in rows])
+    truth = np.array([frames[round(float(stamp) * fps)][2] for _, _, stamp in rows])
+    similarity, _ = similarity_with_rotations(got, truth)
+    assert abs(similarity.scale - 1.0) < 0.02
+    aligned = [similarity.apply_to_pose(T) for T in got]
+    position = [np.linalg.norm(T[:3, 3] - E[:3, 3]) for T, E in zip(aligned, truth)]
+    rotation = [rotation_angle_deg_np(matrix_to_pose(T)[1], matrix_to_pose(E)[1]) for T, E in zip(aligned, truth)]
+    assert np.median(position) <= 0.02 and np.median(rotation) <= 0.5
+    return meta
+
+
+def make_plain(flag: str, path: Path, out: Path, *extra) -> int:
+    return main([flag, str(path), "--out", str(out), "--test-fraction", "0", "--quiet", *KEEP_ALL, *map(str, extra)])
+
+
+def test_image_folder_gives_sfm_poses_that_match_the_scene(walk, tmp_path):
+    folder = write_folder(tmp_path / "photos", walk)
+    calibration = calibration_yaml(tmp_path / "front.yaml", VIDEO_SCENE.K, (VIDEO_SCENE.width, VIDEO_SCENE.height))
+    out = tmp_path / "ds"
+    assert make_plain("--images", folder, out, "--camera-info", calibration, *known_distance(walk, 0, 29)) == 0
+    meta = assert_sfm_poses_match(out, walk)
+    source = meta["recordings"][0]
+    assert source["images"] == str(folder.resolve()) and source["files"] == 30 and source["calibration"] == str(calibration.resolve())
+    assert meta["sfm"]["alignment"]["method"].startswith("known distance")
+    assert np.allclose(SevenScenes(out, "train", max_points=0).intrinsics(0), VIDEO_SCENE.K)
+
+
+def test_video_gives_sfm_poses_that_match_the_scene(walk, tmp_path):
+    video = tmp_path / "walk.avi"  # FFV1: lossless, so the poses measure the route, not the codec
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 10.0, (VIDEO_SCENE.width, VIDEO_SCENE.height))
+    for rgb, _, _ in walk:
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    K, out = VIDEO_SCENE.K, tmp_path / "ds"
+    assert make_plain("--video", video, out, "--intrinsics", K[0, 0], K[1, 1], K[0, 2], K[1, 2], *known_distance(walk, 0, 29)) == 0
+    meta = assert_sfm_poses_match(out, walk)
+    assert meta["recordings"][0]["stamps"] == "the frame times in the file" and meta["recordings"][0]["fps"] == 10.0
+
+
+def test_calibration_yaml_is_read_as_camera_info():
+    from ros2_posenet.dataset_maker.image_source import read_calibration_yaml
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        d = (-0.28, 0.07, 1e-4, -2e-4, 0.0)
+        intrinsics = read_calibration_yaml(calibration_yaml(Path(tmp) / "c.yaml", SCENE.K, (640, 480), d))
+    np.testing.assert_allclose(intrinsics.K, SCENE.K)
+    np.testing.assert_allclose(intrinsics.distortion, d)
+    assert (intrinsics.width, intrinsics.height) == (640, 480)
+
+
+def test_bad_plain_inputs_are_one_line_errors_and_write_nothing(walk, tmp_path, capsys):
+    K, size = VIDEO_SCENE.K, (VIDEO_SCENE.width, VIDEO_SCENE.height)
+    good = calibration_yaml(tmp_path / "good.yaml", K, size)
+    out = tmp_path / "ds"
+    scale = known_distance(walk, 0, 5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    mixed = write_folder(tmp_path / "mixed", walk[:6])
+    cv2.imwrite(str(mixed / "img_0003.png"), np.zeros((120, 160, 3), np.uint8))
+    not_video = tmp_path / "clip.mp4"
+    not_video.write_text("this is not a video")
+    cases = [(("--images", tmp_path / "missing", "--camera-info", good), "is not a folder"),
+             (("--images", empty, "--camera-info", good), "holds no image file"),
+             (("--video", tmp_path / "none.mp4", "--camera-info", good), "does not exist"),
+             (("--video", not_video, "--camera-info", good), "OpenCV cannot"),
+             (("--images", mixed, "--camera-info", good), "img_0003.png is 160x120, the first image 320x240"),
+             (("--images", mixed, "--camera-info", tmp_path / "nowhere.yaml"), "No such file"),
+             (("--images", mixed, "--camera-info", calibration_yaml(tmp_path / "a.yaml", K, size, camera_matrix=None)), "missing camera_matrix"),
+             (("--images", mixed, "--camera-info", calibration_yaml(tmp_path / "b.yaml", K, size, camera_matrix={"rows": 3, "cols": 3, "data": [1.0] * 8})),
+              "camera_matrix has 8 values"),
+             (("--images", mixed, "--camera-info", calibration_yaml(tmp_path / "c.yaml", K, size, d=(0.1, 0.0, 0.0))), "3 distortion coefficients"),
+             (("--images", mixed, "--camera-info", calibration_yaml(tmp_path / "d.yaml", K * 0, size)), "no valid camera matrix")]
+    (tmp_path / "e.yaml").write_text("image_width: [640\n")
+    cases.append((("--images", mixed, "--camera-info", tmp_path / "e.yaml"), "is not YAML"))
+    for (flag, path, *extra), text in cases:
+        assert make_plain(flag, path, out, *extra, *scale) == 2, text
+        assert text in _error(capsys)
+    for extra, text in ((("--camera-info", good, "--pose-source", f"tf:map:{CAMERA}", *scale), "--pose-source must be sfm"),
+                        (scale, "needs the camera's calibration"),
+                        (("--camera-info", good), "needs metric scale"),
+                        (("--camera-info", good, "--depth-topic", "/depth", *scale), "--depth-topic is for bags")):
+        with pytest.raises(SystemExit) as exit_info:
+            make_plain("--images", mixed, out, *extra)
+        assert exit_info.value.code == 2 and text in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".ds.*"))
