@@ -8,7 +8,8 @@ and the test frames are refined from priors = truth moved ``--prior-m`` / turned
 * ``old``: the calibration before issue 22: images between the keyframes (``held_out_indices``),
   one scale = mean NEES / 6;
 * ``new``: :func:`~ros2_posenet.geometric.map_builder.calibrate_held_out` (parts of the trajectory
-  left out of the map in turn, scale + floor + cross-term model fitted on coverage; ``build-map``'s default).
+  left out of the map in turn, refined from priors drawn from the refiner's prior model, scale + floor +
+  cross-term model fitted on coverage; ``build-map``'s default).
 
 Cases: ``synthetic`` (the default synthetic scene, ``--scene``), ``misregistered`` (the same with
 its depth read ``--depth-shift`` px off the colour image), ``hololens`` (hololens-office, test split:
@@ -19,12 +20,17 @@ inside the 68/95/99 % bounds (position / rotation / joint), frames with joint NE
 ``new`` the share of calibration frames the σ-gate would pass (the gate's ``gate_sigma`` per block).
 A reliability plot per case goes to ``--out``.
 
-``--checkpoint`` (a regressor trained on ``--scene``) adds the regressor's covariance on the
-test trajectory: as stored at training time, and recalibrated now by
-:func:`ros2_posenet.covariance.calibrate_methods` on the same validation split.
+Cases ``regressor`` (``--checkpoint``, a regressor trained on ``--scene``) and ``regressor-hololens``
+(``--hololens-checkpoint``) give the regressor's covariance on the test split: as stored at
+training time, and recalibrated now by :func:`ros2_posenet.covariance.calibrate_methods` on the
+same validation split (predicted by the validated run where the checkpoint is a refit). The
+fountain has no regressor case: 11 photos cannot train and validate one. Every run ends with a
+summary of all cases in ``--out/results.json`` (earlier runs' included): regressor and refined,
+position / rotation / 6-DoF.
 
     .venv/bin/python bench/bench_covariance.py --cases synthetic misregistered hololens fountain
     .venv/bin/python bench/bench_covariance.py --cases regressor --checkpoint runs/synthetic/best.pt
+    .venv/bin/python bench/bench_covariance.py --cases regressor-hololens --hololens-checkpoint runs/holo/refit/reprojection/best.pt
 """
 from __future__ import annotations
 
@@ -55,7 +61,12 @@ from ros2_posenet.geometric.scene_map import SceneMap, select_keyframes  # noqa:
 from ros2_posenet.plots import plot_reliability  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
-CASES = ("synthetic", "misregistered", "hololens", "fountain", "fountain-loo", "regressor")
+CASES = ("synthetic", "misregistered", "hololens", "fountain", "fountain-loo", "regressor", "regressor-hololens")
+# Refined cases and regressor cases of the same data, for the summary table.
+SUMMARY = (("synthetic", "synthetic", "regressor"), ("hololens-office test split", "hololens", "regressor-hololens"),
+           ("fountain, 3 held-out views", "fountain", None), ("fountain, each view held out", "fountain-loo", None),
+           ("synthetic, depth misregistered", "misregistered", None))
+NO_FOUNTAIN_REGRESSOR = "not measured: 11 photos (8 map views) cannot train and validate a regressor"
 FOUNTAIN_HELD_OUT = ("0002.jpg", "0005.jpg", "0008.jpg")
 
 
@@ -63,7 +74,7 @@ def old_calibration(scene_map: SceneMap, dataset, keyframes: np.ndarray, count: 
     """The calibration before issue 22: non-keyframes against the whole map, one scale = mean NEES / 6."""
     idx = held_out_indices(len(dataset), keyframes, count)
     data = calibration_residuals(scene_map, ((dataset.load_image(int(i)), dataset.intrinsics(int(i)), pose_matrix(dataset, int(i)))
-                                             for i in idx))
+                                             for i in idx), prior_metres=0.3, prior_degrees=5.0)
     scale = float(np.mean(nees(torch.from_numpy(data["residuals"]), torch.from_numpy(data["unit"])).numpy()) / 6) \
         if len(data["residuals"]) else 1.0
     errors = np.linalg.norm(data["residuals"][:, :3], axis=1), np.degrees(np.linalg.norm(data["residuals"][:, 3:], axis=1))
@@ -140,13 +151,12 @@ def print_case(name: str, results: dict) -> None:
                                    "position_floor_m": 0.0, "rotation_floor_rad": 0.0, "cross": 1.0}
         described = (f"x{model['position_scale']:.3g}/{model['rotation_scale']:.3g} + {model['position_floor_m'] * 100:.2g} cm/"
                      f"{np.degrees(model['rotation_floor_rad']):.2g}°, cross x{model['cross']:.2f}")
-        within = lambda k: "/".join(f"{t[f'{k}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS) if "joint_within_95" in t else "-"  # noqa: E731
         on = f"{c['refined']}/{c['frames']}" + (f", median {c['median_position_m']:.3f} m / {c['median_rotation_deg']:.2f}°"
                                                  if "median_position_m" in c else "")
         print(f"| {which}: {c['method']} | {on} | {described} | {t['frames']} | {t['refined']:.1%} | "
               f"{t['median_position_m']:.4f} / {t['median_rotation_deg']:.3f} | "
-              f"{t.get('nees_joint_median', np.nan):.2f} / {t.get('nees_joint_mean', np.nan):.1f} | {within('position')} | "
-              f"{within('rotation')} | {within('joint')} | {t.get('joint_nees_over_50', '-')} |", flush=True)
+              f"{t.get('nees_joint_median', np.nan):.2f} / {t.get('nees_joint_mean', np.nan):.1f} | {within(t, 'position')} | "
+              f"{within(t, 'rotation')} | {within(t, 'joint')} | {t.get('joint_nees_over_50', '-')} |", flush=True)
     fit = results["new"]["calibration"].get("fit") or {}
     if fit:
         print(f"\nnew calibration on its own frames: inside 95 % position {fit['position_within_95']:.0%}, rotation "
@@ -224,60 +234,83 @@ def fountain_leave_one_out_case(work: Path, args) -> dict:
     return results
 
 
-def regressor_case(args) -> dict:
-    """The regressor's covariance on the test trajectory: as stored, and recalibrated on the same validation split."""
-    from ros2_posenet.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
-    from ros2_posenet.covariance import calibrate_methods, pose_residuals, unit_covariances
+def regressor_predictions(payload: dict, dataset) -> tuple[dict, dict]:
+    """The eval-mode regressor of ``payload`` on ``dataset``: ``predict_poses``' dict and each per-frame method's unit covariance."""
+    from ros2_posenet.checkpoint import model_from_checkpoint
+    from ros2_posenet.covariance import unit_covariances
     from ros2_posenet.metrics import predict_poses
+
+    model = model_from_checkpoint(payload).eval()
+    unc = payload["train_config"]["uncertainty"]
+    samples = unc["mc_samples"] if model.config.dropout > 0 else 0
+    covs: dict[str, list] = {}
+
+    def forward(images):
+        out = model.uncertainty_outputs(images, samples)
+        for k, v in unit_covariances(out).items():
+            covs.setdefault(k, []).append(v)
+        return out["t"].float(), out["q"].float()
+
+    return predict_poses(forward, dataset, 64), {k: torch.cat(v) for k, v in covs.items()}
+
+
+def validated_checkpoint(payload: dict) -> dict:
+    """The checkpoint whose validation split calibrates ``payload``: itself, or for a refit (``train.refit``:
+    trained on every frame, validation frames included) the validated run's same stage."""
+    from ros2_posenet.checkpoint import load_checkpoint
+
+    source = payload["train_config"]["train"].get("calibrate_from")
+    return load_checkpoint(Path(source) / payload["stage"] / "best.pt") if source else payload
+
+
+def regressor_case(name: str, checkpoint: Path, scene: Path, args) -> dict:
+    """The regressor's published covariance on the test split: as stored at training, and recalibrated
+    now (:func:`~ros2_posenet.covariance.calibrate_methods`) on the same validation frames, predicted
+    by the validated model (a refit checkpoint saw them in training)."""
+    from ros2_posenet.checkpoint import load_checkpoint, preprocess_from_checkpoint
+    from ros2_posenet.covariance import calibrate_methods, pose_residuals
     from ros2_posenet.train import sequence_ids, validation_split
 
-    payload = load_checkpoint(args.checkpoint)
-    cfg = payload["train_config"]
-    preprocess = preprocess_from_checkpoint(payload)
-    model = model_from_checkpoint(payload).eval()
-    unc = cfg["uncertainty"]
-    samples = unc["mc_samples"] if model.config.dropout > 0 else 0
-
-    def predict(dataset):
-        covs: dict[str, list] = {}
-
-        def forward(images):
-            out = model.uncertainty_outputs(images, samples)
-            for k, v in unit_covariances(out).items():
-                covs.setdefault(k, []).append(v)
-            return out["t"].float(), out["q"].float()
-
-        pred = predict_poses(forward, dataset, 64)
-        return pred, {k: torch.cat(v) for k, v in covs.items()}
-
-    full = build_dataset(cfg["data"]["kind"], args.scene, "train", preprocess, augment=False, max_points=0)
-    split = validation_split(sequence_ids(full), cfg["data"])
-    val = torch.utils.data.Subset(full, split.val)
-    test = build_dataset(cfg["data"]["kind"], args.scene, "test", preprocess, augment=False, max_points=0)
-    (val_pred, val_units), (test_pred, test_units) = predict(val), predict(test)
+    payload = load_checkpoint(checkpoint)
+    validated = validated_checkpoint(payload)
+    cfg, unc = validated["train_config"], validated["train_config"]["uncertainty"]
+    full = build_dataset(cfg["data"]["kind"], scene, "train", preprocess_from_checkpoint(validated), augment=False, max_points=0)
+    val = torch.utils.data.Subset(full, validation_split(sequence_ids(full), cfg["data"]).val)
+    test = build_dataset(cfg["data"]["kind"], scene, "test", preprocess_from_checkpoint(payload), augment=False, max_points=0)
+    (val_pred, val_units), (test_pred, test_units) = regressor_predictions(validated, val), regressor_predictions(payload, test)
     fixed, uncertainty = calibrate_methods(val_pred["pred_t"], val_pred["pred_q"], val_pred["true_t"], val_pred["true_q"],
-                                           val_units, unc["method"], unc["mc_samples"])
+                                           val_units, unc["method"], unc["mc_samples"], val_pred["index"].numpy())
     residuals = pose_residuals(test_pred["pred_t"], test_pred["pred_q"], test_pred["true_t"], test_pred["true_q"])
-    stored = payload["covariance"]
+    if args.write_recalibrated:  # for evaluate --map with today's calibration
+        args.write_recalibrated.mkdir(parents=True, exist_ok=True)
+        torch.save({**payload, "covariance": {**fixed, "uncertainty": uncertainty}},
+                   args.write_recalibrated / f"{name}_recalibrated.pt")
     rows = {}
-    for label, calibration in (("stored at training", stored), ("recalibrated now", {**fixed, "uncertainty": uncertainty})):
-        cov = regressor_covariances(calibration, test_units, len(residuals))
-        for method, c in cov.items():
+    for label, calibration in (("stored at training", payload["covariance"]), ("recalibrated now", {**fixed, "uncertainty": uncertainty})):
+        for method, c in regressor_covariances(calibration, test_units, len(residuals)).items():
             rows[f"{method}, {label}"] = calibration_metrics(residuals, c)
-            if label == "recalibrated now" and method == unc["method"]:
-                plot_reliability(block_nees(residuals, c), args.out / "reliability_regressor.png",
-                                 f"regressor ({method}) on the synthetic test trajectory")
+            if label == "recalibrated now" and method == payload["train_config"]["uncertainty"]["method"]:
+                plot_reliability(block_nees(residuals, c), args.out / f"reliability_regressor_{name}.png",
+                                 f"regressor ({method}) on {name}'s test frames")
     pos = residuals[:, :3].norm(dim=1).median().item()
     rot = np.degrees(residuals[:, 3:].norm(dim=1).median().item())
-    print(f"\n## regressor (synthetic test trajectory, {len(residuals)} frames; median {pos:.3f} m, {rot:.2f}°; "
-          f"validation {len(val)} frames)\n")
+    print(f"\n## regressor: {name} ({checkpoint}; {len(residuals)} test frames; median {pos:.3f} m, {rot:.2f}°; "
+          f"validation {len(val)} frames{', predicted by the validated run' if validated is not payload else ''}; "
+          f"fixed scales recalibrated {fixed['scale_fit']})\n")
     levels = "/".join(str(round(p * 100)) for p in REPORT_LEVELS)
     print(f"| covariance | NEES 6-DoF median / mean | inside {levels} %: position | rotation | 6-DoF |\n|" + " --- |" * 5)
     for label, m in rows.items():
-        within = lambda k: "/".join(f"{m[f'{k}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)  # noqa: E731
-        print(f"| {label} | {m['nees_joint_median']:.2f} / {m['nees_joint_mean']:.1f} | {within('position')} | "
-              f"{within('rotation')} | {within('joint')} |")
-    return {"rows": rows, "median_position_m": pos, "median_rotation_deg": rot}
+        print(f"| {label} | {m['nees_joint_median']:.2f} / {m['nees_joint_mean']:.1f} | {within(m, 'position')} | "
+              f"{within(m, 'rotation')} | {within(m, 'joint')} |")
+    return {"rows": rows, "method": payload["train_config"]["uncertainty"]["method"], "median_position_m": pos,
+            "median_rotation_deg": rot, "frames": len(residuals)}
+
+
+def within(metrics: dict, block: str) -> str:
+    """``68/95/99`` shares of ``block`` inside its bounds, as percentages ("-" without them)."""
+    if f"{block}_within_95" not in metrics:
+        return "-"
+    return "/".join(f"{metrics[f'{block}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)
 
 
 def regressor_covariances(calibration: dict, units: dict, n: int) -> dict:
@@ -304,6 +337,9 @@ def main(argv=None) -> int:
     p.add_argument("--depth-shift", type=int, nargs=2, default=(4, 3), metavar=("DX", "DY"))
     p.add_argument("--fountain-size", type=int, default=1024, help="longer image side for detection on the fountain")
     p.add_argument("--checkpoint", type=Path, help="regressor trained on --scene (case regressor)")
+    p.add_argument("--hololens-checkpoint", type=Path, help="regressor trained on hololens-office (case regressor-hololens)")
+    p.add_argument("--write-recalibrated", type=Path, metavar="DIR",
+                   help="regressor cases: also save each checkpoint with the recalibrated covariance as DIR/<data>_recalibrated.pt")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -324,12 +360,39 @@ def main(argv=None) -> int:
         elif case == "regressor":
             if args.checkpoint is None:
                 p.error("case regressor needs --checkpoint")
-            results[case] = regressor_case(args)
+            results[case] = regressor_case("synthetic", args.checkpoint, args.scene, args)
+        elif case == "regressor-hololens":
+            if args.hololens_checkpoint is None:
+                p.error("case regressor-hololens needs --hololens-checkpoint")
+            results[case] = regressor_case("hololens", args.hololens_checkpoint, DATA / "hololens-office", args)
         print(f"({case}: {time.perf_counter() - start:.0f} s)", flush=True)
     path = args.out / "results.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**previous, **results}, indent=1, default=float))
+    results = {**previous, **results}
+    path.write_text(json.dumps(results, indent=1, default=float))
+    print_summary(results)
     return 0
+
+
+def print_summary(results: dict) -> None:
+    """One table of every case in ``results`` (this run's and earlier runs' into the same ``--out``)."""
+    print("\n## summary: share of test frames inside the 95 % bound (ideal 95 %, band 90–98 %)\n")
+    print("| data | poses | frames | position | rotation | 6-DoF |\n|" + " --- |" * 6)
+    for label, refined_case, regressor in SUMMARY:
+        if regressor in results:
+            r = results[regressor]
+            for which in ("stored at training", "recalibrated now"):
+                m = r["rows"][f"{r['method']}, {which}"]
+                print(f"| {label} | regressor ({r['method']}, {which}) | {r['frames']} | {m['position_within_95']:.0%} | "
+                      f"{m['rotation_within_95']:.0%} | {m['joint_within_95']:.0%} |")
+        elif refined_case.startswith("fountain") and refined_case in results:
+            print(f"| {label} | regressor | - | {NO_FOUNTAIN_REGRESSOR} | | |")
+        if refined_case in results:
+            for which in ("old", "new"):
+                t = results[refined_case].get(which, {}).get("test", {})
+                if "joint_within_95" in t:
+                    print(f"| {label} | refined ({which} calibration) | {t['frames']} × {t['refined']:.0%} | "
+                          f"{t['position_within_95']:.0%} | {t['rotation_within_95']:.0%} | {t['joint_within_95']:.0%} |")
 
 
 if __name__ == "__main__":

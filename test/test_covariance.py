@@ -116,6 +116,26 @@ def test_a_map_without_some_keyframes_and_the_model_the_refiner_publishes_with()
     assert Refiner(scene_map).covariance_model == CovarianceModel()
 
 
+def test_calibration_priors_are_as_wrong_as_the_refiner_assumes_a_prior_to_be():
+    """Without explicit priors, calibration moves each prior by a draw of ``default_prior_std_m`` / ``_deg``
+    per axis (deployment's priors, not truth nudged): with priors assumed 20 m off, every correction
+    exceeds a 1 m cap."""
+    from helpers import ROOM_K, room_map, room_pose
+
+    from ros2_posenet.geometric.refiner import calibration_residuals
+
+    scene, scene_map = room_map(max_features=300)
+    poses = [room_pose(x, 0.5, 1.3, 10.0) for x in (-3.75, -3.25, -2.75)]  # between the keyframes
+    samples = [(scene.render(T, ROOM_K, 320, 240)[0], ROOM_K, T) for T in poses]
+    near = calibration_residuals(scene_map, samples, RefinementConfig(default_prior_std_m=0.05, default_prior_std_deg=1.0))
+    assert near["frames"] == 3 and len(near["residuals"]) == 3
+    assert np.abs(near["residuals"][:, :3]).max() < 0.05
+    lost = RefinementConfig(default_prior_std_m=20.0, default_prior_std_deg=1.0, max_correction_m=1.0)
+    assert len(calibration_residuals(scene_map, samples, lost)["residuals"]) == 0
+    # Explicit priors (as before issue 22: truth moved 0.3 m, 5°) are used whatever the config assumes.
+    assert len(calibration_residuals(scene_map, samples, lost, prior_metres=0.05, prior_degrees=1.0)["residuals"]) == 3
+
+
 # ----------------------------------------------------------------------------- a misregistered map, end to end
 
 
@@ -163,7 +183,8 @@ def test_a_misregistered_map_calibrated_on_left_out_passes_covers_a_new_run(tmp_
                                 lift_factory=shifted_depth_lift_factory(4, 3))
     frames = _samples(test, range(len(test)))
 
-    old = calibration_residuals(scene_map, _samples(train, held_out_indices(len(train), keyframes, 40)))
+    old = calibration_residuals(scene_map, _samples(train, held_out_indices(len(train), keyframes, 40)), prior_metres=0.3,
+                                prior_degrees=5.0)  # as before issue 22
     old_scale = float(nees(torch.from_numpy(old["residuals"]), torch.from_numpy(old["unit"])).mean()) / 6
     scene_map.metadata["calibration"] = {"covariance_scale": old_scale}
     old_inside = _inside_95(*_published(scene_map, frames))

@@ -12,7 +12,7 @@ from helpers import untrained_checkpoint
 from ros2_posenet.checkpoint import load_checkpoint, save_checkpoint
 from ros2_posenet.covariance import (
     calibrate_methods, calibration_metrics, standard_deviations, chi2_ppf, coverage, covariance_matrix, fit_block_scales, fit_scale,
-    guarded_block_scales,
+    fixed_block_scales, guarded_block_scales, held_out_folds, leave_block_out_fixed_nees,
     mc_dropout_covariance, nees, pose_residuals, scale_covariance, unit_covariances, with_floor,
 )
 from ros2_posenet.data.split import block_split, sequence_split, split_frames
@@ -140,6 +140,41 @@ def test_guarded_scales_hold_the_validation_tail_inside_the_95_percent_bound():
     assert metrics["position_within_95"] >= 0.98 and sr > 3 * fit_block_scales(heavy, unit)[1]
 
 
+def test_held_out_folds_are_the_validation_blocks_or_pieces_of_one_run():
+    blocks = np.concatenate([np.arange(10, 25), np.arange(100, 115), np.arange(190, 205)])
+    folds = held_out_folds(blocks[::-1])  # any order: folds follow the frames' dataset index
+    assert sorted(tuple(np.sort(blocks[::-1][f])) for f in folds) == [tuple(range(a, a + 15)) for a in (10, 100, 190)]
+    one_sequence = held_out_folds(np.arange(300, 400))
+    assert [len(f) for f in one_sequence] == [20] * 5 and np.array_equal(np.concatenate(one_sequence), np.arange(100))
+    many = held_out_folds(np.arange(0, 200, 2))  # 100 runs of one frame: 5 folds of neighbouring frames
+    assert len(many) == 5 and all(np.all(np.diff(f) == 1) for f in many)
+    with pytest.raises(ValueError, match="empty"):
+        held_out_folds([])
+
+
+def test_fixed_covariance_is_not_inflated_by_one_gross_validation_error():
+    # Per-axis errors (yaw dominant) and one 160° flip about roll in 100 validation frames: the tail
+    # guard scales the whole rotation block to that flip and covers 99 %+ of fresh frames; the
+    # leave-block-out fit stays inside the 90-98 % band in position, rotation and 6-DoF.
+    gen = torch.Generator().manual_seed(0)
+    sd = torch.tensor([1.0, 1.0, 0.2, 0.05, 0.05, 0.3], dtype=torch.float64)
+    val = torch.randn(100, 6, generator=gen, dtype=torch.float64) * sd
+    val[37, 3] = 2.8
+    fresh = torch.randn(4000, 6, generator=gen, dtype=torch.float64) * sd
+    unit = torch.diag(val.pow(2).mean(0)).expand(len(fresh), 6, 6)  # the ``fixed`` per-axis variances
+    new = calibration_metrics(fresh, scale_covariance(unit, *fixed_block_scales(val, held_out_folds(np.arange(100)))))
+    assert all(0.90 <= new[f"{block}_within_95"] <= 0.98 for block in ("position", "rotation", "joint")), new
+    guarded = calibration_metrics(fresh, scale_covariance(unit, *guarded_block_scales(val, unit[:100])))
+    assert guarded["rotation_within_95"] > 0.98
+    # Each fold is judged by the variances of the others: errors twice the other place's are NEES 4 per axis.
+    place_a, place_b = torch.full((4, 6), 0.1, dtype=torch.float64), torch.full((4, 6), 0.2, dtype=torch.float64)
+    position, rotation = leave_block_out_fixed_nees(torch.cat((place_a, place_b)), [np.arange(4), np.arange(4, 8)])
+    np.testing.assert_allclose(position, [0.75] * 4 + [12.0] * 4)
+    np.testing.assert_allclose(rotation, position)
+    # Without two folds there is nothing to leave out: the tail guard, as for the per-frame methods.
+    assert fixed_block_scales(val, [np.arange(100)]) == guarded_block_scales(val, unit[:100])
+
+
 def test_floor_and_scaling_keep_the_covariance_symmetric_positive_definite():
     a = torch.randn(5, 6, 6, dtype=torch.float64)
     cov = with_floor(scale_covariance(a @ a.transpose(1, 2) * 1e-8, 9.0, 0.5))
@@ -238,6 +273,7 @@ def test_uncertainty_settings_round_trip_through_the_checkpoint(tmp_path):
     path = _calibrated_checkpoint(tmp_path / "m.pt")
     stored = load_checkpoint(path)["covariance"]["uncertainty"]
     assert stored["method"] == "mc_dropout" and stored["mc_samples"] == 8
+    assert load_checkpoint(path)["covariance"]["scale_fit"] == "leave-block-out, 5 folds"  # 12 frames in 5 pieces
     assert set(stored["scales"]) == {"mc_dropout", "variance_head"} and set(stored["val_metrics"]) == {"fixed", "mc_dropout", "variance_head"}
     image = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
 

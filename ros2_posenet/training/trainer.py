@@ -140,6 +140,7 @@ def validate(model: PoseNet, dataset, cfg: dict, device: torch.device) -> tuple[
     fixed, uncertainty = calibrate_methods(
         pred["pred_t"], pred["pred_q"], pred["true_t"], pred["true_q"],
         {name: torch.cat(c) for name, c in covs.items()}, unc["method"], unc["mc_samples"],
+        frame_index=pred["index"].numpy(),  # the held-out blocks ``fixed`` is calibrated across
     )
     return metrics, {**fixed, "uncertainty": uncertainty}
 
