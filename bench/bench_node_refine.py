@@ -16,6 +16,8 @@ regressor's typical error) with a matching covariance: the refinement then works
 behind a trained network (refines, not falls back), and costs what it costs. Both settings run
 on the same node and machine: ``refine: false`` keeps the map loaded and only the regressor
 publishes. Target (issue 24 item 7): regressor rate with refine on >= 95 % of refine off.
+The node refines in a child process (``ros2_posenet.geometric.refiner_process``); ``--refiner-nice``,
+``--refiner-threads`` and ``--switch-interval`` try other settings of it (and of the GIL hand-over).
 """
 from __future__ import annotations
 
@@ -165,6 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_node_refine"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--driver-process", action="store_true", help="publish the images from a separate process (a camera driver node), not from the node's")
+    parser.add_argument("--refiner-nice", type=int, help="niceness added to the refinement thread (default: the node's)")
+    parser.add_argument("--refiner-threads", type=int, help="OpenCV threads of the refinement process (default: its module's)")
+    parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval (s) of the node's process (GIL hand-over)")
     parser.add_argument("--as-driver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     root = args.work / "scene_640"
@@ -186,6 +191,16 @@ def main(argv=None) -> int:
     checkpoint = build_checkpoint(args.work / "resnet18_224.pt")
     frames = test_frames(root, None)
 
+    import ros2_posenet.geometric.refiner_process as refiner_process
+
+    if args.refiner_nice is not None:
+        import ros2_posenet.ros.node as node_module
+
+        node_module.REFINER_NICE = refiner_process.REFINER_PROCESS_NICE = args.refiner_nice
+    if args.refiner_threads is not None:
+        refiner_process.REFINER_PROCESS_THREADS = args.refiner_threads
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     rclpy.init()
     node = PoseNetNode(namespace="bench_refine", parameter_overrides=[
         Parameter("checkpoint", value=str(checkpoint)), Parameter("map_file", value=str(map_path)), Parameter("device", value="cpu"),

@@ -15,6 +15,12 @@
   held-out views from ``--fountain-priors`` priors each 0.5–1 m and 10° off (bench_strecha.py
   has the per-scale study).
 
+``--priors regressor --checkpoint CKPT``: the priors (and their covariances) are a trained regressor's
+instead (cached under ``--work``); with ``--split validation`` the queries are the regressor's own
+held-out blocks (``train_7scenes_cpu.yaml``: every 7th block of 15 training frames) and the map is
+built without them, so ``CKPT`` must be the validated model (``RUN/<stage>/best.pt``, not the refit).
+Refined frames that are wrong (> 0.25 m or > 5°) are counted, and every fallback is listed with its reason.
+
 A data set that is absent is skipped with a line saying so. Per map it prints: refined share,
 median position / rotation over all frames and over the refined ones, p90, refined frames
 worse than their prior, fallbacks by ``RefinementResult.failure``, median inliers and ms per
@@ -27,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_refine import cached_map, print_maps, run, test_frames  # noqa: E402
+from bench_refine import cached_map, errors, print_maps, summarize, test_frames  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
 from ros2_posenet.geometric.map_builder import open_dataset  # noqa: E402
-from ros2_posenet.geometric.refiner import RefinementConfig, Refiner  # noqa: E402
+from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
 HOLOLENS = DATA / "hololens-office"
@@ -54,9 +61,10 @@ def print_results(title: str, results: dict[str, dict]) -> None:
     print("|" + " --- |" * 10)
     for name, s in results.items():
         fallbacks = ", ".join(f"{k} {v}" for k, v in s["fallbacks"].items()) or "–"
+        wrong = f" (wrong by > 0.25 m / 5°: {s['wrong']})" if "wrong" in s else ""
         print(f"| {name} | {s['frames']} | {s['refined']:.1%} | {s['median_pos']:.4f} / {s['median_rot']:.3f} | "
               f"{s['refined_median_pos']:.4f} / {s['refined_median_rot']:.3f} | {s['p90_pos']:.3f} / {s['p90_rot']:.2f} | "
-              f"{s['worse']} | {fallbacks} | {s['inliers']:.0f} | {s['features_ms']:.0f} / {s['matching_ms']:.0f} / "
+              f"{s['worse']}{wrong} | {fallbacks} | {s['inliers']:.0f} | {s['features_ms']:.0f} / {s['matching_ms']:.0f} / "
               f"{s['pose_ms']:.0f} / {s['total_ms']:.0f} ({s['cpu_ms']:.0f}) |", flush=True)
 
 
@@ -83,22 +91,83 @@ def bench_hololens(args, config: RefinementConfig) -> None:
     features = map_features(args)
     spacing = (args.min_distance, args.min_angle)
     tag = f"f{args.max_features}_s{args.max_image_size}_c{args.contrast_threshold:g}_d{args.min_distance:g}_a{args.min_angle:g}"
-    allowed = None
+    allowed, split, indices = None, "test", None
     if args.split == "validation":  # blocks of the training walk left out of the map, as the test split is built
         n = len(open_dataset("7scenes", HOLOLENS, "train"))
-        held = (np.arange(n) // 15) % 4 == 1
-        allowed, tag = np.flatnonzero(~held), tag + "_val"
-        frames = test_frames(HOLOLENS, args.frames, "train", np.flatnonzero(held))
-    else:
-        frames = test_frames(HOLOLENS, args.frames)
+        # the regressor's own held-out blocks (block_split, fraction 0.15 -> k = 7, block k // 2), else every 4th
+        held = (np.arange(n) // 15) % 7 == 3 if args.priors == "regressor" else (np.arange(n) // 15) % 4 == 1
+        allowed, split, indices = np.flatnonzero(~held), "train", np.flatnonzero(held)
+        tag += "_val" if args.priors == "perturbed" else "_val7"
+    frames = test_frames(HOLOLENS, 0 if args.priors == "regressor" else args.frames, split, indices)
+    priors = regressor_priors(args, split, indices) if args.priors == "regressor" else None
+    what = f"priors {args.prior_m} m / {args.prior_deg}° off" if priors is None else f"priors from {args.checkpoint}"
     maps, figures, results = {}, {}, {}
     for points in args.maps:
         name = f"{points} ({tag})"
         maps[name], figures[name] = cached_map(args.work / f"hololens_{points}_{tag}.npz", HOLOLENS, features, points,
                                                calibrate_frames=args.calibrate, spacing=spacing, allowed=allowed)
-        results[name] = run(Refiner(maps[name], config), frames, args.prior_m, args.prior_deg)
+        if priors is None:  # the same priors as bench_refine.run draws
+            rng, cov = np.random.default_rng(0), np.diag([args.prior_m**2] * 3 + [np.radians(args.prior_deg) ** 2] * 3)
+            drawn = np.stack([perturb_pose(T, args.prior_m, args.prior_deg, rng) for _, _, T in frames])
+            results[name] = run_with_priors(Refiner(maps[name], config), frames, drawn, np.broadcast_to(cov, (len(frames), 6, 6)))
+        else:
+            results[name] = run_with_priors(Refiner(maps[name], config), frames, *priors)
     print_maps(figures)
-    print_results(f"hololens-office {args.split} split ({len(frames)} frames), priors {args.prior_m} m / {args.prior_deg}° off", results)
+    print_results(f"hololens-office {args.split} split ({len(frames)} frames), {what}", results)
+
+
+def regressor_priors(args, split: str, indices) -> tuple[np.ndarray, np.ndarray]:
+    """The regressor's poses (N, 4, 4) and covariances (N, 6, 6) for the queried frames (cached under ``--work``)."""
+    import hashlib
+
+    import torch
+
+    from ros2_posenet.data import build_dataset
+    from ros2_posenet.evaluate import covariance_forward
+    from ros2_posenet.geometry import pose_to_matrix
+    from ros2_posenet.inference import Relocalizer
+    from ros2_posenet.metrics import predict_poses
+
+    key = hashlib.sha1(f"{Path(args.checkpoint).resolve()}:{split}:{indices if indices is None else list(indices)}".encode())
+    cache = args.work / f"priors_{key.hexdigest()[:12]}.npz"
+    if not cache.is_file():
+        reloc = Relocalizer(str(args.checkpoint), device="cpu")
+        dataset = build_dataset("7scenes", HOLOLENS, split, reloc.preprocessor.config, augment=False, max_points=0)
+        if indices is not None:
+            dataset = torch.utils.data.Subset(dataset, [int(i) for i in indices])
+        covariances: list[torch.Tensor] = []
+        pred = predict_poses(covariance_forward(reloc, covariances), dataset, 32, 0)
+        poses = np.stack([pose_to_matrix(t.double().numpy(), q.double().numpy())
+                          for t, q in zip(pred["pred_t"], pred["pred_q"])])
+        np.savez(cache, poses=poses, covariances=torch.cat(covariances).double().numpy())
+    data = np.load(cache)
+    return data["poses"], data["covariances"]
+
+
+def run_with_priors(refiner: Refiner, frames, priors: np.ndarray, covariances: np.ndarray) -> dict:
+    """Refine every frame from the given priors; figures of the outputs, wrong refined frames counted, fallbacks listed."""
+    rows = []
+    for (rgb, K, T_true), prior, prior_cov in zip(frames, priors, covariances):
+        cpu = time.process_time()
+        result = refiner.refine(rgb, K, prior, prior_cov)
+        cpu_ms = (time.process_time() - cpu) * 1e3
+        out_err, prior_err = errors(result.T, T_true), errors(prior, T_true)
+        rows.append({"refined": result.refined, "source": result.source, "failure": result.failure,
+                     "pos": out_err[0], "rot": out_err[1], "prior_pos": prior_err[0], "prior_rot": prior_err[1],
+                     "inliers": result.inliers, "nees": np.nan, "cpu_ms": cpu_ms, "reason": result.reason,
+                     **{f"{k}_ms": v for k, v in result.timing_ms.items()}})
+    summary = summarize(rows)
+    summary["wrong"] = sum(r["refined"] and (r["pos"] > 0.25 or r["rot"] > 5.0) for r in rows)
+    print(f"\nrefined frames wrong by > 0.25 m or > 5°: {summary['wrong']}; refined by source: "
+          f"{dict(Counter(r['source'] for r in rows if r['refined']))}; fallbacks "
+          f"(prior error m / °: failure: reason):", flush=True)
+    for r in rows:
+        if not r["refined"]:
+            print(f"  {r['prior_pos']:.2f} / {r['prior_rot']:.1f}: {r['failure']}: {r['reason'][:300]}")
+        elif r["pos"] > 0.25 or r["rot"] > 5.0:
+            print(f"  WRONG {r['pos']:.2f} m / {r['rot']:.1f}° (prior {r['prior_pos']:.2f} / {r['prior_rot']:.1f}), "
+                  f"{r['source']}: {r['reason'][:300]}")
+    return summary
 
 
 def bench_fountain(args, config: RefinementConfig) -> None:
@@ -130,6 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=0, help="hololens test frames (0: all 90)")
     p.add_argument("--split", choices=("test", "validation"), default="test",
                    help="validation: every 4th block of 15 training frames is left out of the map and queried (for tuning)")
+    p.add_argument("--priors", choices=("perturbed", "regressor"), default="perturbed",
+                   help="hololens priors: the truth moved --prior-m / --prior-deg, or a regressor's (--checkpoint)")
+    p.add_argument("--checkpoint", type=Path, help="regressor checkpoint for --priors regressor")
     p.add_argument("--prior-m", type=float, default=0.3)
     p.add_argument("--prior-deg", type=float, default=10.0)
     p.add_argument("--max-features", type=int, default=FeatureConfig().max_features)
@@ -143,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--fountain-scale", type=float, default=0.25)
     p.add_argument("--fountain-priors", type=int, default=3)
     args = p.parse_args(argv)
+    if args.priors == "regressor" and not (args.checkpoint and args.checkpoint.is_file()):
+        p.error("--priors regressor needs --checkpoint FILE (a trained regressor)")
     args.work.mkdir(parents=True, exist_ok=True)
     config = refinement_config(args)
     print(f"bench_real: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; refinement "

@@ -17,6 +17,10 @@ Sections (each prints its table):
   without depth, compared on the same test frames.
 * ``timing``: a 640x480 rendering of the room (own small scene): ms per frame by
   part, wall clock and process CPU time, for SIFT, SIFT on the half-size image and ORB.
+* ``speed`` (issue 24 item 8): the same 640x480 scene and map, ms per part and accuracy per
+  speed option: the dense guided-matching window matrix against the grid index (also with
+  guided matching forced on every frame), OpenCV threads, fewer query features,
+  ``query_max_image_size`` values, a map detected at a reduced size.
 
 Maps and scenes are cached under ``--work`` (default /tmp/bench_refine).
 """
@@ -40,7 +44,7 @@ from ros2_posenet.geometric.map_builder import (  # noqa: E402
     build_scene_map, calibrate, held_out_indices, open_dataset, pose_matrix, shifted_depth_lift_factory,
 )
 
-SECTIONS = ("accuracy", "solvers", "misregistered", "timing")
+SECTIONS = ("accuracy", "solvers", "misregistered", "timing", "speed")
 
 
 def ensure_scene(root: Path, config: SyntheticSceneConfig) -> Path:
@@ -219,6 +223,61 @@ def section_timing(args, work: Path) -> None:
     print_table("time per frame at 640x480 (own 640x480 scene: 400 training frames, 40 test frames)", results)
 
 
+def section_speed(args, work: Path) -> None:
+    """Item 8 of issue 24: ms per part at 640x480 for each speed option, accuracy alongside, same map and priors."""
+    import copy
+
+    import cv2
+
+    from ros2_posenet.geometric import refiner as refiner_module
+    from ros2_posenet.geometric.matching import guided_matches, guided_matches_dense
+
+    root = ensure_scene(work / "scene_640", SyntheticSceneConfig(width=640, height=480, frames_train=400, frames_test=40,
+                                                                 train_sequences=2))
+    frames = test_frames(root, None)
+    maps = {"full": cached_map(work / "640_0.npz", root, FeatureConfig(), calibrate_frames=20)}
+    if args.speed_map_sizes:
+        for size in args.speed_map_sizes:
+            maps[f"map@{size}"] = cached_map(work / f"640_map{size}.npz", root, FeatureConfig(max_image_size=size), calibrate_frames=20)
+    print_maps({name: figures for name, (_, figures) in maps.items()})
+
+    def timed(name, scene_map, threads=2, kernel=guided_matches, **config):
+        cv2.setNumThreads(threads)
+        refiner_module.guided_matches = kernel
+        try:
+            results[name] = run(Refiner(scene_map, RefinementConfig(**config)), frames, args.prior_m, args.prior_deg)
+        finally:
+            refiner_module.guided_matches = guided_matches
+            cv2.setNumThreads(2)
+
+    def with_query_features(scene_map, **change):
+        """The map as it is, its queries detected with ``change`` (what a query-time option does)."""
+        query_map = copy.copy(scene_map)
+        query_map.feature_config = FeatureConfig.from_dict({**scene_map.feature_config.to_dict(), **change})
+        return query_map
+
+    results: dict = {}
+    full = maps["full"][0]
+    before = dict(query_max_image_size=0)  # the defaults before issue 24 item 8
+    timed("before: full-size query, dense guided window matrix", full, kernel=guided_matches_dense, **before)
+    timed("full-size query, grid-indexed guided matching", full, **before)
+    forced = dict(before, guided_min_inliers=6, min_inliers=10**6)
+    timed("grid, guided matching forced on every frame", full, **forced)
+    timed("dense, guided matching forced on every frame", full, kernel=guided_matches_dense, **forced)
+    timed("full-size query, grid, OpenCV 1 thread", full, threads=1, **before)
+    for n in args.speed_query_features:
+        timed(f"full-size query, grid, {n} query features", with_query_features(full, max_features=n), **before)
+    for size in args.speed_query_sizes:
+        timed(f"query_max_image_size {size} (map full size), grid", full, query_max_image_size=size)
+    timed("query_max_image_size 480, grid, OpenCV 1 thread", full, threads=1, query_max_image_size=480)
+    for name, (scene_map, _) in maps.items():
+        if name != "full":
+            timed(f"{name} (queries as the map), grid", scene_map)
+    timed("before (again, for the noise)", full, kernel=guided_matches_dense, **before)
+    print_table(f"speed options at 640x480 ({len(frames)} test frames, priors {args.prior_m} m / {args.prior_deg}°; "
+                f"'forced' rows: min_inliers unreachable, so all fall back; machine shared)", results)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scene", type=Path, default=Path("/tmp/scene_default"), help="default synthetic scene (rendered if missing)")
@@ -228,6 +287,9 @@ def main(argv=None) -> int:
     p.add_argument("--prior-m", type=float, default=0.5)
     p.add_argument("--prior-deg", type=float, default=10.0)
     p.add_argument("--depth-shift", type=int, nargs=2, default=(4, 3), metavar=("DX", "DY"))
+    p.add_argument("--speed-query-sizes", type=int, nargs="*", default=[560, 480, 400, 320], help="speed: query_max_image_size values")
+    p.add_argument("--speed-query-features", type=int, nargs="*", default=[500], help="speed: query feature caps")
+    p.add_argument("--speed-map-sizes", type=int, nargs="*", default=[], help="speed: maps detected at these sizes too")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     ensure_scene(args.scene, SyntheticSceneConfig())

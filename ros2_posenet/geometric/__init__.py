@@ -8,5 +8,7 @@ The regressor's pose is the prior; this stage makes it precise and says when it 
 * :mod:`.triangulation` — depth-free map points from keyframes with known poses.
 * :mod:`.map_builder` — a dataset's scene map, covariance calibration (the library behind ``build-map``).
 * :mod:`.refiner` — :class:`Refiner`: prior → keyframes → matches → PnP-RANSAC → pose + covariance or fallback.
+* :mod:`.matching` — guided matching within a pixel window of projected map points (grid index).
+* :mod:`.refiner_process` — :class:`RefinerProcess`: the refiner in a niced child process (the node's).
 * :mod:`.settings` — the strict dict round trip of the stage's settings.
 """

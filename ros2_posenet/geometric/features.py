@@ -18,20 +18,20 @@ passes Lowe's ratio test (nearest / second nearest distance < ``ratio``) and, wi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
+from pydantic import ConfigDict, Field, field_validator
 
 from ..geometry import resized_pixel_coords
-from .settings import StrictDictSettings
+from .settings import GeometricSettings
 
 FEATURE_TYPES = ("sift", "orb")
 DESCRIPTOR_SIZES = {"sift": 128, "orb": 32}
 
 
-@dataclass(frozen=True)
-class FeatureConfig(StrictDictSettings):
+class FeatureConfig(GeometricSettings):
     """How features are detected and matched; stored in every map.
 
     Attributes:
@@ -50,33 +50,23 @@ class FeatureConfig(StrictDictSettings):
             image for its first octave.
     """
 
-    SETTINGS_NAME = "feature config"  # prefix of the errors of from_dict (not a field)
+    model_config = ConfigDict(title="feature config")  # the prefix of from_dict's errors
 
-    type: str = "sift"
-    max_features: int = 1000
-    ratio: float = 0.8
+    type: Literal[FEATURE_TYPES] = "sift"
+    max_features: int = Field(1000, ge=8)
+    ratio: float = Field(0.8, gt=0, le=1)
     mutual: bool = True
-    contrast_threshold: float = 0.02
-    orb_fast_threshold: int = 12
-    orb_levels: int = 8
+    contrast_threshold: float = Field(0.02, gt=0, lt=1)
+    orb_fast_threshold: int = Field(12, ge=1, le=255)
+    orb_levels: int = Field(8, ge=1, le=16)
     max_image_size: int = 0
 
-    def __post_init__(self):
-        problems = []
-        if self.type not in FEATURE_TYPES:
-            problems.append(f"type must be one of {FEATURE_TYPES}, got {self.type!r}")
-        if not isinstance(self.max_features, (int, np.integer)) or self.max_features < 8:
-            problems.append(f"max_features must be an integer >= 8, got {self.max_features!r}")
-        if not 0.0 < float(self.ratio) <= 1.0:
-            problems.append(f"ratio must be in (0, 1], got {self.ratio!r}")
-        if not 0.0 < float(self.contrast_threshold) < 1.0:
-            problems.append(f"contrast_threshold must be in (0, 1), got {self.contrast_threshold!r}")
-        if not 1 <= int(self.orb_fast_threshold) <= 255 or not 1 <= int(self.orb_levels) <= 16:
-            problems.append("orb_fast_threshold must be in 1..255 and orb_levels in 1..16")
-        if not isinstance(self.max_image_size, (int, np.integer)) or not (self.max_image_size == 0 or self.max_image_size >= 32):
-            problems.append(f"max_image_size must be 0 (off) or an integer >= 32, got {self.max_image_size!r}")
-        if problems:
-            raise ValueError("feature config: " + "; ".join(problems))
+    @field_validator("max_image_size")
+    @classmethod
+    def _off_or_large_enough(cls, size: int) -> int:
+        if size != 0 and size < 32:
+            raise ValueError(f"must be 0 (off) or >= 32, got {size}")
+        return size
 
     @property
     def descriptor_size(self) -> int:
@@ -137,13 +127,19 @@ def detect_features(image: np.ndarray, config: FeatureConfig | None = None) -> t
     return xy, np.ascontiguousarray(descriptors[order], dtype=np.uint8)
 
 
-def _as_matchable(descriptors: np.ndarray, config: FeatureConfig) -> np.ndarray:
-    """float32 for SIFT's L2 products; uint8 bytes for ORB's bits."""
+def check_descriptors(descriptors: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    """``descriptors`` as an array, or ValueError when they are not ``(N, config.descriptor_size)``."""
     descriptors = np.asarray(descriptors)
     if descriptors.ndim != 2 or descriptors.shape[1] != config.descriptor_size:
         raise ValueError(
             f"{config.type} descriptors must be (N, {config.descriptor_size}), got shape {descriptors.shape}"
         )
+    return descriptors
+
+
+def _as_matchable(descriptors: np.ndarray, config: FeatureConfig) -> np.ndarray:
+    """float32 for SIFT's L2 products; uint8 bytes for ORB's bits."""
+    descriptors = check_descriptors(descriptors, config)
     dtype = np.float32 if config.type == "sift" else np.uint8
     return np.ascontiguousarray(descriptors, dtype=dtype)
 
@@ -197,3 +193,16 @@ def match_from_distances(distances: np.ndarray, ratio: float, mutual: bool) -> n
     if mutual:
         keep &= back[best] == rows
     return np.column_stack((rows[keep], best[keep])).astype(np.int64)
+
+
+def query_feature_config(map_config: FeatureConfig, max_image_size: int = 0) -> FeatureConfig:
+    """The features of a query against a map detected with ``map_config``: the same, its image shrunk to at most
+    ``max_image_size`` pixels on the longer side before detection (0: as the map's; the smaller cap wins).
+
+    SIFT is scale-invariant, so a query detected on a smaller image still matches the map's features; it costs
+    about the pixel count (bench/RESULTS.md, issue 24 item 8).
+    """
+    caps = [size for size in (map_config.max_image_size, max_image_size) if size]
+    if not caps or min(caps) == map_config.max_image_size:
+        return map_config
+    return FeatureConfig.from_dict({**map_config.to_dict(), "max_image_size": min(caps)})

@@ -31,14 +31,26 @@ from .features import FeatureConfig, detect_features
 from .refiner import RefinementConfig, calibrate_covariance, calibration_residuals
 from .retrieval import tiny_image_descriptor
 from .scene_map import SceneMap, SceneMapBuilder, depth_lift, observation_lift
-from .triangulation import triangulate_map
+from .triangulation import TriangulationConfig, triangulate_map
 
 log = logging.getLogger(__name__)
 
 POINT_CHOICES = ("auto", "depth", "reconstruction", "triangulation")
 
+# A depth-free map keeps only the features that other keyframes see too (about a fifth of them on real
+# indoor images), so it starts from more, weaker ones: on hololens-office's validation split this took the
+# refined share from 61 % to 71 % (bench/bench_real.py --split validation; h10 report). Given settings win.
+TRIANGULATION_FEATURES = {"max_features": 4000, "contrast_threshold": 0.005}
+
 # (dataset, index, rgb, K, T) -> lift
 LiftFactory = Callable[[object, int, np.ndarray, np.ndarray, np.ndarray], Callable]
+
+
+def map_feature_config(points: str, **given) -> FeatureConfig:
+    """The features of a map whose points come from ``points``: ``given`` settings (None: not given)
+    over that source's defaults (:data:`TRIANGULATION_FEATURES`, else :class:`FeatureConfig`'s)."""
+    defaults = TRIANGULATION_FEATURES if points == "triangulation" else {}
+    return FeatureConfig.from_dict({**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
 def open_dataset(kind: str, root: str | Path, split: str = "train"):
@@ -113,14 +125,16 @@ def build_scene_map(
     map_frame: str = "map",
     lift_factory: LiftFactory | None = None,
     progress: bool = False,
+    triangulation: TriangulationConfig | None = None,
 ) -> SceneMap:
     """Detect, lift and store the features of ``dataset``'s images ``keyframes``.
 
     ``points``: ``depth``, ``reconstruction`` or ``triangulation``; ``lift_factory``
-    overrides how depth/reconstruction points are made (benchmarks use it to misregister depth).
+    overrides how depth/reconstruction points are made (benchmarks use it to misregister depth);
+    ``triangulation`` the thresholds of triangulated points (default :class:`TriangulationConfig`).
     """
     if points == "triangulation":
-        return _triangulated_map(dataset, keyframes, feature_config, map_frame, progress)
+        return _triangulated_map(dataset, keyframes, feature_config, map_frame, progress, triangulation)
     factory = lift_factory or LIFT_FACTORIES[points]
     builder = SceneMapBuilder(feature_config, points, map_frame)
     for i in tqdm(keyframes, desc="build-map", unit="keyframe", disable=not progress, file=sys.stderr):
@@ -130,7 +144,7 @@ def build_scene_map(
     return builder.build()
 
 
-def _triangulated_map(dataset, keyframes, feature_config, map_frame, progress) -> SceneMap:
+def _triangulated_map(dataset, keyframes, feature_config, map_frame, progress, config=None) -> SceneMap:
     """Depth-free points: triangulate matches between keyframes with their known poses."""
     features, globals_, Ks, Ts, sizes = [], [], [], [], []
     for i in tqdm(keyframes, desc="build-map features", unit="keyframe", disable=not progress, file=sys.stderr):
@@ -140,7 +154,7 @@ def _triangulated_map(dataset, keyframes, feature_config, map_frame, progress) -
         Ks.append(dataset.intrinsics(int(i)))
         Ts.append(pose_matrix(dataset, int(i)))
         sizes.append((rgb.shape[1], rgb.shape[0]))
-    tri = triangulate_map(features, np.stack(Ks), np.stack(Ts), feature_config=feature_config)
+    tri = triangulate_map(features, np.stack(Ks), np.stack(Ts), config, feature_config=feature_config)
     builder = SceneMapBuilder(feature_config, "triangulation", map_frame)
     for k, i in enumerate(keyframes):
         feats, ids = tri.keyframe_points(k)

@@ -17,7 +17,8 @@ to each keyframe's (ratio test + mutual check) -> 2D–3D correspondences ->
 absolute pose by LO-RANSAC + non-linear refinement (``solver``: pycolmap by
 default, poselib or OpenCV USAC) -> covariance from the geometry -> gate against
 the prior. Without a prior, or when the prior's keyframes give too few inliers,
-keyframes are retrieved by appearance (``retrieval``). A pose the gate refused is
+keyframes are retrieved (``retrieval``: the bag of visual words of the image's features,
+the best candidates re-ranked by their matches with it, as hloc does). A pose the gate refused is
 kept only when keyframes that did not produce it give the same pose on their own:
 first those around the refused pose (``neighbourhood_confirms``), then those
 retrieved by appearance (``retrieval_confirms``). A regressor's errors are
@@ -50,22 +51,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Iterable, Literal
 
 import cv2
 import numpy as np
+from pydantic import ConfigDict, Field
 
 from ..covariance import CovarianceModel, calibration_metrics, fit_covariance_model
 from ..geometry import matrix_to_pose
 from ..preprocess import check_rgb_image
-from .features import descriptor_distances, detect_features, match_features, match_from_distances
+from .features import detect_features, match_features, query_feature_config
+from .matching import guided_matches
 from .pnp import (
     SOLVERS, FocalHistory, estimate_focal_ratio, geometric_covariance, mahalanobis, pose_difference, require_solver,
     solve_absolute_pose,
 )
 from .scene_map import SceneMap
-from .settings import StrictDictSettings
+from .settings import GeometricSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,11 @@ FAILURES = (FAILURE_NO_KEYFRAMES, FAILURE_NO_FEATURES, FAILURE_TOO_FEW_INLIERS, 
             FAILURE_GATE, FAILURE_MAX_CORRECTION, FAILURE_CALIBRATION)
 
 
-@dataclass(frozen=True)
-class RefinementConfig(StrictDictSettings):
+# An inlier count: a pose has 6 degrees of freedom.
+_PoseInliers = Annotated[int, Field(ge=6)]
+
+
+class RefinementConfig(GeometricSettings):
     """Settings of the geometric stage (node parameters ``refine.<field>``).
 
     Attributes:
@@ -106,7 +112,15 @@ class RefinementConfig(StrictDictSettings):
             keyframes most similar in appearance. A pose found this way is not gated
             by the prior (the prior was wrong) and has ``source = 'retrieval'``.
         retrieval_keyframes: keyframes retrieved per attempt.
-        retrieval_min_inliers: stricter inlier count for a retrieval answer (it has no prior to agree with).
+        retrieval_candidates: the keyframes ranked best by the bag of visual words of the
+            image's features (:meth:`SceneMap.retrieve_keyframes`) that are matched with the
+            image to re-rank them by their number of matches, of which the best
+            ``retrieval_keyframes`` are tried (0: no re-ranking).
+        retrieval_min_inliers: the inliers a pose needs where nothing vouches for fewer: a retrieval
+            answer (no prior to agree with), and one from the keyframes of a prior wider than
+            ``default_prior_std_m`` / ``default_prior_std_deg`` in some direction (a regressor's
+            covariance on real data, 1.7 m / 48° on hololens-office, lets the gate pass any pose,
+            and it passed one 1 m off made of 38 chance inliers).
         neighbourhood_confirms: a pose the gate refused is accepted (``source =
             'neighbourhood'``) when the ``keyframes`` keyframes nearest to *it*, none of
             those that produced it, give the same pose on their own (``min_inliers``,
@@ -130,61 +144,42 @@ class RefinementConfig(StrictDictSettings):
             nearest to it are projected into the image and matched within
             ``guided_window_px`` of their projection (ratio test ``guided_ratio`` among
             those), and the pose is solved again; the result passes every check as usual.
+        query_max_image_size: the query image is shrunk to at most this many pixels on its
+            longer side before its features are detected (keypoints scaled back; 0: as the
+            map's ``FeatureConfig.max_image_size``). SIFT's time follows the pixel count:
+            480 makes a 640x480 frame ~1.5x faster, at a cost in accuracy (bench/RESULTS.md,
+            issue 24 item 8: on real images it verified a 0.56 m error that full size did not).
     """
 
-    SETTINGS_NAME = "refinement config"  # prefix of the errors of from_dict (not a field)
+    model_config = ConfigDict(title="refinement config")  # the prefix of from_dict's errors
 
-    keyframes: int = 4
-    metres_per_radian: float = 1.0
-    max_keyframe_angle_deg: float = 60.0
-    solver: str = "pycolmap"
-    ransac_threshold_px: float = 4.0
-    min_inliers: int = 30
-    min_inlier_ratio: float = 0.15
-    gate_sigma: float = 4.0
-    max_correction_m: float = 0.0
-    max_correction_deg: float = 0.0
-    default_prior_std_m: float = 0.5
-    default_prior_std_deg: float = 10.0
+    keyframes: int = Field(4, ge=1)
+    metres_per_radian: float = Field(1.0, gt=0)
+    max_keyframe_angle_deg: float = Field(60.0, gt=0, le=180)
+    solver: Literal[SOLVERS] = "pycolmap"
+    ransac_threshold_px: float = Field(4.0, gt=0)
+    min_inliers: _PoseInliers = 30
+    min_inlier_ratio: float = Field(0.15, ge=0, le=1)
+    gate_sigma: float = Field(4.0, gt=0)
+    max_correction_m: float = Field(0.0, ge=0)
+    max_correction_deg: float = Field(0.0, ge=0)
+    default_prior_std_m: float = Field(0.5, gt=0)
+    default_prior_std_deg: float = Field(10.0, gt=0)
     retrieval: bool = True
-    retrieval_keyframes: int = 8
-    retrieval_min_inliers: int = 50
+    retrieval_keyframes: int = Field(8, ge=1)
+    retrieval_candidates: int = Field(20, ge=0)
+    retrieval_min_inliers: _PoseInliers = 50
     neighbourhood_confirms: bool = True
     retrieval_confirms: bool = True
-    covariance_scale: float = 0.0
-    min_position_std: float = 0.002
-    min_rotation_std_deg: float = 0.05
-    max_focal_error: float = 0.02
+    covariance_scale: float = Field(0.0, ge=0)
+    min_position_std: float = Field(0.002, ge=0)
+    min_rotation_std_deg: float = Field(0.05, ge=0)
+    max_focal_error: float = Field(0.02, ge=0)
     guided_matching: bool = True
-    guided_min_inliers: int = 8
-    guided_window_px: float = 12.0
-    guided_ratio: float = 0.9
-
-    def __post_init__(self):
-        positive = ("metres_per_radian", "ransac_threshold_px", "gate_sigma", "default_prior_std_m", "default_prior_std_deg",
-                    "guided_window_px")
-        non_negative = ("max_correction_m", "max_correction_deg", "covariance_scale", "min_position_std",
-                        "min_rotation_std_deg", "min_inlier_ratio", "max_focal_error")
-        problems = [f"{n} must be > 0, got {getattr(self, n)!r}" for n in positive
-                    if not (math.isfinite(float(getattr(self, n))) and float(getattr(self, n)) > 0)]
-        problems += [f"{n} must be >= 0, got {getattr(self, n)!r}" for n in non_negative
-                     if not (math.isfinite(float(getattr(self, n))) and float(getattr(self, n)) >= 0)]
-        for name in ("keyframes", "retrieval_keyframes"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be >= 1")
-        if not 0 < float(self.guided_ratio) <= 1:
-            problems.append(f"guided_ratio must be in (0, 1], got {self.guided_ratio!r}")
-        for name in ("min_inliers", "retrieval_min_inliers", "guided_min_inliers"):
-            if int(getattr(self, name)) < 6:
-                problems.append(f"{name} must be >= 6 (a pose has 6 degrees of freedom)")
-        if not 0 < float(self.max_keyframe_angle_deg) <= 180:
-            problems.append("max_keyframe_angle_deg must be in (0, 180]")
-        if self.solver not in SOLVERS:
-            problems.append(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if float(self.min_inlier_ratio) > 1:
-            problems.append("min_inlier_ratio must be <= 1")
-        if problems:
-            raise ValueError("refinement config: " + "; ".join(problems))
+    guided_min_inliers: _PoseInliers = 8
+    guided_window_px: float = Field(12.0, gt=0)
+    guided_ratio: float = Field(0.9, gt=0, le=1)
+    query_max_image_size: int = Field(0, ge=0)
 
     @classmethod
     def from_yaml(cls, path) -> "RefinementConfig":
@@ -286,6 +281,9 @@ class Refiner:
         self.covariance_model = map_covariance_model(scene_map, self.config)
         self._focal_check = bool(self.config.max_focal_error)
         self._focal_history = FocalHistory()
+        self._query_features = query_feature_config(scene_map.feature_config, self.config.query_max_image_size)
+        if self.config.retrieval and self.map.num_points >= 2:
+            self.map.visual_words  # noqa: B018 - learned now (seconds on a large map), not by the first frame that needs it
         if self._focal_check and self.config.solver != "pycolmap":
             try:
                 import pycolmap  # noqa: F401 - the focal check's P4Pf solver
@@ -317,31 +315,45 @@ class Refiner:
         size = (rgb.shape[1], rgb.shape[0])
 
         t0 = time.perf_counter()
-        keypoints, descriptors = detect_features(rgb, self.map.feature_config)
+        keypoints, descriptors = detect_features(rgb, self._query_features)
         timing["features"] = (time.perf_counter() - t0) * 1e3
 
         tried: list[int] = []
         attempts: list[tuple[str, list[int]]] = []
+        retrieve = lambda: self._retrieve(rgb, descriptors, tried, timing)  # noqa: E731
         attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
             source, keyframes, keypoints, descriptors, K, size, prior_T, prior_covariance, timing, tried, previous, attempts)
         if prior_T is not None:
             outcome = attempt("prior", self.map.nearest_keyframes(
                 prior_T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg))
             if outcome.get("gated") and not outcome.get("capped"):
-                outcome = self._confirm_refused(outcome, attempt, rgb, tried)
+                outcome = self._confirm_refused(outcome, attempt, retrieve, tried)
             elif cfg.retrieval and not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION:
-                outcome = attempt("retrieval", self._retrieve(rgb, tried), previous=outcome)
+                outcome = attempt("retrieval", retrieve(), previous=outcome)
         else:
-            outcome = attempt("retrieval", self._retrieve(rgb, tried))
+            outcome = attempt("retrieval", retrieve())
         timing["total"] = (time.perf_counter() - start) * 1e3
         return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
 
     # ---- internals
 
-    def _retrieve(self, rgb: np.ndarray, exclude: list[int]) -> np.ndarray:
-        """The ``retrieval_keyframes`` keyframes most similar to ``rgb`` that are not in ``exclude``."""
-        k = self.config.retrieval_keyframes
-        return _untried(self.map.retrieve_keyframes(rgb, k + len(exclude)), exclude, k)
+    def _retrieve(self, rgb: np.ndarray, descriptors: np.ndarray, exclude: list[int], timing: dict) -> np.ndarray:
+        """The ``retrieval_keyframes`` keyframes most likely to see ``rgb`` that are not in ``exclude``.
+
+        Ranked by the bag of visual words of the image's features, then the best
+        ``retrieval_candidates`` re-ranked by how many of the image's features they match
+        (what the pose will be made of: hloc's retrieval + matching, with the matches as the
+        verification of the ranking).
+        """
+        cfg = self.config
+        k = max(cfg.retrieval_keyframes, cfg.retrieval_candidates)
+        ranked = _untried(self.map.retrieve_keyframes(rgb, k + len(exclude), descriptors), exclude, k)
+        if cfg.retrieval_candidates > cfg.retrieval_keyframes and len(descriptors):
+            t0 = time.perf_counter()
+            counts = [len(match_features(descriptors, self.map.descriptors[i], self.map.feature_config)) for i in ranked]
+            ranked = ranked[np.argsort(-np.array(counts), kind="stable")]
+            timing["matching"] += (time.perf_counter() - t0) * 1e3
+        return ranked[:cfg.retrieval_keyframes]
 
     def _guided_correspondences(self, T, K, size, keyframes, keypoints, descriptors, timing):
         """2D–3D correspondences found where a pose says they must be (guided matching).
@@ -366,15 +378,9 @@ class Refiner:
         if len(points) < 2 or len(keypoints) == 0:
             timing["matching"] += (time.perf_counter() - t0) * 1e3
             return np.zeros((0, 2)), np.zeros((0, 3))
-        near = ((keypoints[:, None, :] - uv[None].astype(np.float32)) ** 2).sum(-1) <= cfg.guided_window_px**2
-        rows, cols = np.flatnonzero(near.any(1)), np.flatnonzero(near.any(0))
-        if not len(rows):
-            timing["matching"] += (time.perf_counter() - t0) * 1e3
-            return np.zeros((0, 2)), np.zeros((0, 3))
-        full, ratio = descriptor_distances(descriptors[rows], map_desc[cols], replace(self.map.feature_config, ratio=cfg.guided_ratio))
-        pairs = match_from_distances(np.where(near[np.ix_(rows, cols)], full, np.inf).astype(np.float32), ratio, True)
+        pairs = guided_matches(keypoints, descriptors, uv, map_desc, cfg.guided_window_px, self.map.feature_config, cfg.guided_ratio)
         timing["matching"] += (time.perf_counter() - t0) * 1e3
-        return (keypoints[rows[pairs[:, 0]]].astype(np.float64), points[cols[pairs[:, 1]]])
+        return keypoints[pairs[:, 0]].astype(np.float64), points[pairs[:, 1]]
 
     def _correspondences(self, keyframes, keypoints, descriptors, timing):
         """2D–3D correspondences: each query feature's match in the first keyframe that has one."""
@@ -412,7 +418,9 @@ class Refiner:
         p2d, p3d = self._correspondences(keyframes, keypoints, descriptors, timing)
         outcome["matches"] = len(p2d)
         t0 = time.perf_counter()
-        min_inliers = cfg.retrieval_min_inliers if source == "retrieval" else cfg.min_inliers
+        # A pose needs retrieval_min_inliers where nothing can vouch for fewer: no prior, or one too wide for the gate.
+        wide = source == "prior" and self._prior_is_wide(prior_cov)
+        min_inliers = cfg.retrieval_min_inliers if source == "retrieval" or wide else cfg.min_inliers
         T, inliers = solve_absolute_pose(p2d, p3d, K, size, cfg.ransac_threshold_px, cfg.solver)
         n_in = int(inliers.sum())
         if cfg.guided_matching and T is not None and cfg.guided_min_inliers <= n_in < min_inliers:
@@ -431,7 +439,8 @@ class Refiner:
             what = {"prior": "keyframes near the prior", "neighbourhood": "keyframes around the refused pose",
                     "retrieval": "retrieved keyframes"}[source]
             outcome["reason"] = (f"too few inliers with the {what}: {n_in} of {len(p2d)} matches "
-                                 f"(need {min_inliers} and {cfg.min_inlier_ratio:.0%})")
+                                 f"(need {min_inliers} and {cfg.min_inlier_ratio:.0%}"
+                                 f"{'; the prior is too wide for the gate to vouch for fewer' if wide else ''})")
             outcome["failure"] = FAILURE_TOO_FEW_INLIERS if T is None or n_in < min_inliers else FAILURE_INLIER_RATIO
             if previous is not None:
                 outcome["reason"] = previous["reason"] + "; " + outcome["reason"]
@@ -459,6 +468,19 @@ class Refiner:
                                       f"{outcome['correction'][1]:.1f}° away")
         return outcome
 
+    def _prior_is_wide(self, prior_cov: np.ndarray | None) -> bool:
+        """Whether the prior is less certain, in its widest direction, than ``default_prior_std_m`` / ``_deg``.
+
+        A regressor's covariance on real data can be metres and tens of degrees wide: the gate
+        then passes any pose, so it cannot vouch for one made of a few inliers.
+        """
+        if prior_cov is None:
+            return False
+        cfg = self.config
+        position, rotation = (math.sqrt(max(0.0, float(np.linalg.eigvalsh(prior_cov[b, b])[-1])))
+                              for b in (slice(0, 3), slice(3, 6)))
+        return position > cfg.default_prior_std_m or math.degrees(rotation) > cfg.default_prior_std_deg
+
     def _check_focal(self, p2d, p3d, K, size, outcome: dict) -> str:
         """Why K's focal length disagrees with the one the matches imply ("" if it agrees or is not checked).
 
@@ -475,7 +497,7 @@ class Refiner:
             return ""
         return self._focal_history.verdict(K, ratio, std, inliers, cfg.max_focal_error, cfg.gate_sigma)
 
-    def _confirm_refused(self, gated: dict, attempt, rgb: np.ndarray, tried: list[int]) -> dict:
+    def _confirm_refused(self, gated: dict, attempt, retrieve, tried: list[int]) -> dict:
         """Accept a pose the gate refused when keyframes that did not produce it give the same pose.
 
         Two independent keyframe sets agreeing (within ``gate_sigma`` of their summed
@@ -488,7 +510,7 @@ class Refiner:
         if cfg.neighbourhood_confirms:
             checks.append(("keyframes around it", lambda: attempt("neighbourhood", self._around(gated["T"], tried))))
         if cfg.retrieval and cfg.retrieval_confirms:
-            checks.append(("retrieved keyframes", lambda: attempt("retrieval", self._retrieve(rgb, tried))))
+            checks.append(("retrieved keyframes", lambda: attempt("retrieval", retrieve())))
         notes = []
         for what, run in checks:
             other = run()
@@ -588,25 +610,32 @@ def map_covariance_model(scene_map: SceneMap, config: RefinementConfig) -> Covar
 
 
 def calibration_residuals(scene_map: SceneMap, samples: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                          config: RefinementConfig | None = None, prior_metres: float = 0.3,
-                          prior_degrees: float = 5.0, seed: int = 0) -> dict:
+                          config: RefinementConfig | None = None, prior_metres: float | None = None,
+                          prior_degrees: float | None = None, seed: int = 0) -> dict:
     """Refine held-out images against ``scene_map``: errors and unit covariances of the refined ones.
 
     For each ``(rgb, K, T_true)`` the true pose, perturbed, is refined (retrieval off, so a
     pose is only found where the map explains the image); the refiner's covariance is the
-    unit one (:func:`geometric_covariance`, no floors).
+    unit one (:func:`geometric_covariance`, no floors). The prior is moved by ``prior_metres``
+    and turned by ``prior_degrees``; where None, by a draw of the prior error the refiner assumes
+    (``default_prior_std_m`` / ``_deg`` per axis). Priors as wrong as deployment's matter: a prior
+    0.5–1 m off picks keyframes farther from the image than one 0.3 m off, and the errors grow
+    (synthetic 600-frame scene, regressor priors: keyframes 0.55 m away instead of 0.27 m, 88 %
+    of refined frames inside the 6-DoF 95 % bound of a map calibrated with 0.3 m priors).
 
     Returns:
         ``{"frames": int, "residuals": (M, 6) pose_difference(refined, true), "unit": (M, 6, 6)}``.
     """
     base = config or RefinementConfig()
-    refiner = Refiner(scene_map, replace(base, min_position_std=0.0, min_rotation_std_deg=0.0, retrieval=False))
+    refiner = Refiner(scene_map, base.replace(min_position_std=0.0, min_rotation_std_deg=0.0, retrieval=False))
     refiner.covariance_model = CovarianceModel()
     rng = np.random.default_rng(seed)
     residuals, unit, frames = [], [], 0
     for rgb, K, T_true in samples:
         frames += 1
-        result = refiner.refine(rgb, K, perturb_pose(T_true, prior_metres, prior_degrees, rng), None)
+        metres = prior_metres if prior_metres is not None else base.default_prior_std_m * float(np.linalg.norm(rng.normal(size=3)))
+        degrees = prior_degrees if prior_degrees is not None else base.default_prior_std_deg * float(np.linalg.norm(rng.normal(size=3)))
+        result = refiner.refine(rgb, K, perturb_pose(T_true, metres, degrees, rng), None)
         if result.refined:
             residuals.append(pose_difference(result.T, T_true))
             unit.append(result.covariance)

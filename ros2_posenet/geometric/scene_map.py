@@ -8,7 +8,9 @@ that have a valid 3D world point: keypoints, descriptors, points and optional
 per-point records (e.g. ``track_length``). ``point_source`` says where the points
 came from: ``depth`` (7-Scenes / synthetic depth), ``reconstruction`` (Cambridge
 NVM points observed in the image) or ``triangulation`` (matches between keyframes
-with known poses, :mod:`ros2_posenet.triangulation`).
+with known poses, :mod:`ros2_posenet.triangulation`). Retrieval with a query's local
+features uses a bag of visual words learned from the keyframes' descriptors when first
+needed (:attr:`SceneMap.visual_words`; nothing of it is stored, so older maps serve too).
 
 File format: one uncompressed ``.npz`` (plain arrays, loaded with
 ``allow_pickle=False``): per-keyframe arrays, the per-feature arrays of all
@@ -27,6 +29,7 @@ remedy: a registration shift misplaces points consistently across nearby views
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zipfile
@@ -38,7 +41,7 @@ import numpy as np
 
 from ..geometry import backproject_pixels, resized_pixel_coords
 from .features import FeatureConfig, detect_features, match_features
-from .retrieval import tiny_image_descriptor
+from .retrieval import VisualWords, tiny_image_descriptor
 
 FORMAT = "ros2_posenet.scene_map"
 VERSION = 1
@@ -174,8 +177,16 @@ class SceneMap:
         order = candidates[np.argsort(score[candidates], kind="stable")]
         return order[:k]
 
-    def retrieve_keyframes(self, image: np.ndarray, k: int) -> np.ndarray:
-        """Indices of the ``k`` keyframes whose global descriptor is most similar to ``image``'s."""
+    def retrieve_keyframes(self, image: np.ndarray, k: int, descriptors: np.ndarray | None = None) -> np.ndarray:
+        """Indices of the ``k`` keyframes most similar to ``image``, best first.
+
+        With the query's local ``descriptors`` (detected with the map's feature config), by
+        their bag of visual words against the keyframes' (:attr:`visual_words`); else by the
+        global descriptor (tiny image) stored in the map.
+        """
+        if descriptors is not None and self.num_points >= 2:
+            scores = self.visual_words.similarities(descriptors)
+            return np.argsort(-scores, kind="stable")[:k]
         if self.global_descriptors.shape[1] == 0:
             raise MapError("this map has no global descriptors for retrieval; rebuild it with build-map")
         query = tiny_image_descriptor(image)
@@ -183,6 +194,11 @@ class SceneMap:
             raise MapError(f"global descriptor size {query.shape[0]} != map's {self.global_descriptors.shape[1]}; rebuild the map")
         scores = self.global_descriptors @ query.astype(np.float32)
         return np.argsort(-scores, kind="stable")[:k]
+
+    @functools.cached_property
+    def visual_words(self) -> VisualWords:
+        """The bag of visual words of the keyframes' local features, learned from them on first use (seconds on large maps)."""
+        return VisualWords(self.descriptors, binary=self.feature_config.type == "orb")
 
     def subset(self, keep: list[np.ndarray], point_info: dict[str, list[np.ndarray]] | None = None,
                points3d: list[np.ndarray] | None = None) -> "SceneMap":

@@ -1,29 +1,18 @@
-"""Dict round trip of settings dataclasses that refuses unknown keys.
+"""Base of the geometric stage's settings (FeatureConfig, RefinementConfig, TriangulationConfig).
 
-A typo in a params file, or a map written by a newer version, must fail loudly
-rather than fall back to a default silently (FeatureConfig, RefinementConfig).
+Strict models (:mod:`ros2_posenet.config_base`): a typo in a params file, or a map written by
+a newer version, must fail loudly rather than fall back to a default silently. Frozen: a
+:class:`~ros2_posenet.geometric.refiner.Refiner` and its map share them; a change is a validated
+copy (:meth:`~ros2_posenet.config_base.StrictModel.replace`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from pydantic import ConfigDict
+
+from ..config_base import StrictModel
 
 
-class StrictDictSettings:
-    """Mixin for dataclasses: ``to_dict`` and a ``from_dict`` that names unknown keys.
+class GeometricSettings(StrictModel):
+    """Subclasses set ``model_config = ConfigDict(title=...)`` (e.g. ``"feature config"``), the prefix of their errors."""
 
-    Subclasses set ``SETTINGS_NAME`` (e.g. ``"feature config"``), the prefix of the error.
-    """
-
-    SETTINGS_NAME = "settings"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` listing the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"{cls.SETTINGS_NAME}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**d)
+    model_config = ConfigDict(frozen=True)

@@ -9,8 +9,10 @@ reconstruction, a calibrated rig, the Strecha fountain) needs for a scene map:
 1. **Pairs** (:func:`select_pairs`): each keyframe is matched with its nearest
    keyframes (camera centres) that look the same way (optical axes within
    ``max_pair_axis_angle_deg``) and stand at least ``min_baseline_m`` apart.
-2. **Matches** (:func:`ros2_posenet.features.match_features`: ratio test + mutual
-   check), kept only where they agree with the *known* relative pose: the symmetric
+2. **Matches**, guided by the *known* relative pose (:func:`epipolar_guided_matches`:
+   ratio test + mutual check among the features near each epipolar line, which
+   resolves repeated texture; ``guided_matching=False``: among all features,
+   :func:`ros2_posenet.features.match_features`), kept where the symmetric
    distance to the epipolar lines is at most ``max_epipolar_px``. A pair whose
    matched rays meet at a median angle below ``min_pair_angle_deg`` has too little
    baseline for the scene's depth (e.g. a camera that only turned; its epipolar
@@ -45,27 +47,31 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+from pydantic import ConfigDict, Field
+
+from .settings import GeometricSettings
 
 log = logging.getLogger(__name__)
 
 TRIANGULATION_METHOD = (
     "multi-view DLT on known poses + Gauss-Newton reprojection refinement (poses fixed); "
-    "matches verified by the known epipolar geometry"
+    "matches guided and verified by the known epipolar geometry"
 )
 
 Matcher = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# (desc_a, desc_b, keypoints_a, keypoints_b, F with x_b^T F x_a = 0) -> (K, 2) index pairs
+PairMatcher = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 class TriangulationError(ValueError):
     """Inputs that cannot be triangulated (shapes, non-finite poses, bad parameters)."""
 
 
-@dataclass(frozen=True)
-class TriangulationConfig:
+class TriangulationConfig(GeometricSettings):
     """Thresholds of the depth-free map (pixels are those of the images given).
 
     Attributes:
@@ -74,6 +80,8 @@ class TriangulationConfig:
         min_baseline_m: pairs whose camera centres are closer than this are skipped
             (no parallax; keyframe selection by pose spacing usually ensures it).
         max_epipolar_px: symmetric epipolar distance for a match to agree with the known poses.
+        guided_matching: match each feature only among the features near its epipolar line
+            (:func:`epipolar_guided_matches`) instead of among all features of the other image.
         min_pair_angle_deg: a pair is used only when the median angle between its
             matched viewing rays (the two-view triangulation angle) reaches this.
         min_angle_deg: a point's largest angle between two viewing rays (depth uncertainty).
@@ -88,39 +96,20 @@ class TriangulationConfig:
         refine_iterations: Gauss–Newton iterations per round.
     """
 
-    pairs_per_image: int = 5
-    max_pair_axis_angle_deg: float = 60.0
-    min_baseline_m: float = 0.0
-    max_epipolar_px: float = 2.0
-    min_pair_angle_deg: float = 1.0
-    min_angle_deg: float = 2.0
-    max_range_uncertainty: float = 0.05
-    max_reproj_px: float = 2.0
-    min_track_length: int = 3
-    min_points_per_keyframe: int = 200
-    refine_iterations: int = 10
+    model_config = ConfigDict(title="triangulation config")  # the prefix of from_dict's errors
 
-    def __post_init__(self) -> None:
-        checks = {
-            "pairs_per_image": self.pairs_per_image >= 1,
-            "max_pair_axis_angle_deg": 0.0 < self.max_pair_axis_angle_deg <= 180.0,
-            "min_baseline_m": self.min_baseline_m >= 0.0,
-            "max_epipolar_px": self.max_epipolar_px > 0.0,
-            "min_pair_angle_deg": 0.0 <= self.min_pair_angle_deg < 180.0,
-            "min_angle_deg": 0.0 <= self.min_angle_deg < 180.0,
-            "max_range_uncertainty": self.max_range_uncertainty >= 0.0,
-            "max_reproj_px": self.max_reproj_px > 0.0,
-            "min_track_length": self.min_track_length >= 2,
-            "min_points_per_keyframe": self.min_points_per_keyframe >= 0,
-            "refine_iterations": self.refine_iterations >= 0,
-        }
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if not ok or not math.isfinite(float(value)):
-                raise TriangulationError(f"TriangulationConfig.{name}: invalid value {value!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    pairs_per_image: int = Field(5, ge=1)
+    max_pair_axis_angle_deg: float = Field(60.0, gt=0.0, le=180.0)
+    min_baseline_m: float = Field(0.0, ge=0.0)
+    max_epipolar_px: float = Field(2.0, gt=0.0)
+    guided_matching: bool = True
+    min_pair_angle_deg: float = Field(1.0, ge=0.0, lt=180.0)
+    min_angle_deg: float = Field(2.0, ge=0.0, lt=180.0)
+    max_range_uncertainty: float = Field(0.05, ge=0.0)
+    max_reproj_px: float = Field(2.0, gt=0.0)
+    min_track_length: int = Field(3, ge=2)
+    min_points_per_keyframe: int = Field(200, ge=0)
+    refine_iterations: int = Field(10, ge=0)
 
 
 @dataclass
@@ -197,16 +186,11 @@ def triangulate_map(
     """
     config = config or TriangulationConfig()
     intrinsics, poses = _checked_cameras(features, intrinsics, poses)
-    if matcher is None:
-        from .features import match_features
-
-        def matcher(desc_a, desc_b):
-            return match_features(desc_a, desc_b, feature_config)
-
     stats: dict = {"keyframes": len(features)}
     pairs = select_pairs(poses, config)
     stats["pairs"] = len(pairs)
-    edges = _verified_matches(features, intrinsics, poses, pairs, matcher, config, stats)
+    edges = _verified_matches(features, intrinsics, poses, pairs, _pair_matcher(matcher, feature_config, config),
+                              config, stats)
     sizes = [len(kp) for kp, _ in features]
     tracks = build_tracks(edges, sizes)
     stats.update(tracks=tracks.count, ambiguous_observations_dropped=tracks.ambiguous)
@@ -257,7 +241,7 @@ def triangulate_map(
 
 
 # --------------------------------------------------------------------------- pairs and epipolar checks
-def _verified_matches(features, intrinsics, poses, pairs, matcher, config, stats) -> np.ndarray:
+def _verified_matches(features, intrinsics, poses, pairs, matcher: PairMatcher, config, stats) -> np.ndarray:
     """Matches of every pair that agree with the known poses, as edges (K, 4)
     ``(cam_a, feat_a, cam_b, feat_b)``; pairs without parallax are left out. Counts go to ``stats``."""
     edges = []
@@ -266,11 +250,11 @@ def _verified_matches(features, intrinsics, poses, pairs, matcher, config, stats
         (kp_i, desc_i), (kp_j, desc_j) = features[i], features[j]
         if len(kp_i) == 0 or len(kp_j) == 0:
             continue
-        matches = np.asarray(matcher(desc_i, desc_j), dtype=np.int64).reshape(-1, 2)
+        F = fundamental_from_poses(intrinsics[i], poses[i], intrinsics[j], poses[j])
+        matches = np.asarray(matcher(desc_i, desc_j, kp_i, kp_j, F), dtype=np.int64).reshape(-1, 2)
         n_matches += len(matches)
         if len(matches) == 0:
             continue
-        F = fundamental_from_poses(intrinsics[i], poses[i], intrinsics[j], poses[j])
         distance = symmetric_epipolar_distance(F, kp_i[matches[:, 0]], kp_j[matches[:, 1]])
         good = matches[distance <= config.max_epipolar_px]
         if len(good) == 0:
@@ -283,6 +267,42 @@ def _verified_matches(features, intrinsics, poses, pairs, matcher, config, stats
         edges.append(np.column_stack([np.full(len(good), i), good[:, 0], np.full(len(good), j), good[:, 1]]))
     stats.update(matches=n_matches, verified_matches=n_verified, pairs_low_parallax=low_parallax)
     return np.concatenate(edges) if edges else np.zeros((0, 4), np.int64)
+
+
+def _pair_matcher(matcher: Matcher | None, feature_config, config: TriangulationConfig) -> PairMatcher:
+    """The given descriptor matcher, else epipolar-guided matching (``config.guided_matching``) or plain matching."""
+    if matcher is not None:
+        return lambda desc_a, desc_b, kp_a, kp_b, F: matcher(desc_a, desc_b)
+    if not config.guided_matching:
+        from .features import match_features
+
+        return lambda desc_a, desc_b, kp_a, kp_b, F: match_features(desc_a, desc_b, feature_config)
+    return lambda desc_a, desc_b, kp_a, kp_b, F: epipolar_guided_matches(
+        desc_a, desc_b, kp_a, kp_b, F, feature_config, config.max_epipolar_px)
+
+
+def epipolar_guided_matches(desc_a, desc_b, kp_a, kp_b, F, feature_config=None, max_epipolar_px: float = 2.0) -> np.ndarray:
+    """Matches ``(K, 2)`` of two images with known relative pose (``x_b^T F x_a = 0``).
+
+    Each feature is compared only with the features of the other image near its epipolar
+    line (within ``max_epipolar_px``): the ratio test and mutual check run among those
+    candidates, so a feature whose look-alikes lie elsewhere in the image (repeated
+    texture, indoor scenes) is no longer ambiguous. The band's best must also be one of the
+    two nearest descriptors in the whole image: a feature whose true match was not detected
+    would otherwise take the least bad candidate of its band, a wrong point that two views
+    cannot expose.
+    """
+    from .features import FeatureConfig, descriptor_distances, match_from_distances
+
+    feature_config = feature_config or FeatureConfig()
+    if len(desc_a) < 1 or len(desc_b) < 2:
+        return np.zeros((0, 2), np.int64)
+    distances, ratio = descriptor_distances(desc_a, desc_b, feature_config)
+    second_overall = np.partition(distances, 1, axis=1)[:, 1]
+    distances[epipolar_distance_matrix(F, kp_a, kp_b) > max_epipolar_px] = np.inf
+    best = distances.min(axis=1)
+    matches = match_from_distances(distances, ratio, feature_config.mutual)
+    return matches[best[matches[:, 0]] <= second_overall[matches[:, 0]]]
 
 
 def select_pairs(poses: np.ndarray, config: TriangulationConfig) -> list[tuple[int, int]]:
@@ -307,6 +327,19 @@ def fundamental_from_poses(K_a: np.ndarray, T_a: np.ndarray, K_b: np.ndarray, T_
     t_ba = T_b[:3, :3].T @ (T_a[:3, 3] - T_b[:3, 3])
     tx = np.array([[0.0, -t_ba[2], t_ba[1]], [t_ba[2], 0.0, -t_ba[0]], [-t_ba[1], t_ba[0], 0.0]])
     return np.linalg.inv(K_b).T @ tx @ R_ba @ np.linalg.inv(K_a)
+
+
+def epipolar_distance_matrix(F: np.ndarray, x_a: np.ndarray, x_b: np.ndarray) -> np.ndarray:
+    """(Na, Nb) float32 symmetric epipolar distance (px) of every point of image a with every point
+    of image b (float32 and in place: 4000 x 4000 features stay at a few 64 MB matrices)."""
+    ha = np.column_stack([x_a, np.ones(len(x_a))])
+    hb = np.column_stack([x_b, np.ones(len(x_b))])
+    line_b = ha @ F.T  # epipolar lines of x_a in image b
+    line_a = hb @ F  # epipolar lines of x_b in image a
+    num = np.abs(line_b.astype(np.float32) @ hb.T.astype(np.float32))
+    d_a = num / np.maximum(np.hypot(line_a[:, 0], line_a[:, 1]), 1e-12).astype(np.float32)[None, :]
+    num /= np.maximum(np.hypot(line_b[:, 0], line_b[:, 1]), 1e-12).astype(np.float32)[:, None]
+    return np.maximum(num, d_a, out=num)
 
 
 def symmetric_epipolar_distance(F: np.ndarray, x_a: np.ndarray, x_b: np.ndarray) -> np.ndarray:

@@ -119,7 +119,7 @@ def build_refinement(s: NodeSettings, camera_infos: CameraInfoBuffer | None = No
         return None
     try:
         config = RefinementConfig.from_yaml(s.refine_config) if s.refine_config else None
-        return NodeRefinement(s.map_file, config, camera_infos, warn=warn)
+        return NodeRefinement(s.map_file, config, camera_infos, warn=warn, separate_process=True)  # the regressor keeps its GIL
     except MapError as err:
         raise ConfigurationError(f"parameter 'map_file' = {s.map_file!r}: {err}") from None
     except ValueError as err:  # bad refine_config, or the pose solver's library is missing

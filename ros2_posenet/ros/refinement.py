@@ -16,6 +16,7 @@ import numpy as np
 from ..geometry import matrix_to_pose, pose_to_matrix
 from ..inference import PosePrediction
 from ..geometric.refiner import STATUS_FALLBACK, STATUS_REFINED, RefinementConfig, RefinementResult, Refiner
+from ..geometric.refiner_process import RefinerProcess
 from ..geometric.scene_map import SceneMap
 from .camera_info import CameraInfoBuffer, CameraInfoError, CameraIntrinsics, intrinsics_mismatch
 
@@ -57,9 +58,11 @@ class NodeRefinement:
     text once when the live camera differs from the one the map was made with.
     """
 
-    def __init__(self, map_file: str, config: RefinementConfig | None = None, camera_infos: CameraInfoBuffer | None = None, warn=None):
+    def __init__(self, map_file: str, config: RefinementConfig | None = None, camera_infos: CameraInfoBuffer | None = None, warn=None,
+                 separate_process: bool = False):
+        """``separate_process``: the refiner runs in a niced child process (:class:`RefinerProcess`; the node's choice)."""
         self.scene_map = SceneMap.load(map_file)  # MapError says what to do
-        self.refiner = Refiner(self.scene_map, config)
+        self.refiner = RefinerProcess(map_file, config) if separate_process else Refiner(self.scene_map, config)
         self.map_file = map_file
         self.camera_infos = camera_infos if camera_infos is not None else CameraInfoBuffer()
         self._undistort = Undistorter()

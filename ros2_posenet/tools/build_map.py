@@ -6,7 +6,9 @@
 
 Keyframes are training images chosen by pose spacing (``--min-distance``,
 ``--min-angle``); their local features (``--features sift|orb``, at most
-``--max-features`` each) get 3D world points from the scene's own source:
+``--max-features`` each, ``--contrast-threshold``; a triangulated map starts from more,
+weaker features by default: ``map_builder.TRIANGULATION_FEATURES``) get 3D world points
+from the scene's own source:
 ``depth`` (7-Scenes layout: depth images), ``reconstruction`` (Cambridge: the NVM
 points observed in each image) or ``triangulation`` (matches between keyframes
 with their known poses; needs no depth, :mod:`ros2_posenet.geometric.triangulation`).
@@ -33,7 +35,8 @@ import numpy as np
 
 from ..geometric.features import FEATURE_TYPES, FeatureConfig
 from ..geometric.map_builder import (
-    CALIBRATION_SPLITS, POINT_CHOICES, build_scene_map, calibrate_held_out, default_point_source, open_dataset, pose_matrix,
+    CALIBRATION_SPLITS, POINT_CHOICES, TRIANGULATION_FEATURES, build_scene_map, calibrate_held_out, default_point_source,
+    map_feature_config, open_dataset, pose_matrix,
 )
 from ..geometric.scene_map import MapError, filter_by_agreement, select_keyframes
 
@@ -50,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where 3D points come from (auto: depth for 7-Scenes, the NVM for Cambridge, "
                         "triangulation for a posed image set without depth)")
     p.add_argument("--features", choices=FEATURE_TYPES, default=f.type)
-    p.add_argument("--max-features", type=int, default=f.max_features, help="features per keyframe (map size)")
+    p.add_argument("--max-features", type=int, help=f"features per keyframe (map size; default {f.max_features}, "
+                   f"{TRIANGULATION_FEATURES['max_features']} for triangulation)")
+    p.add_argument("--contrast-threshold", type=float, help=f"SIFT contrast threshold (lower: more, weaker features; "
+                   f"default {f.contrast_threshold:g}, {TRIANGULATION_FEATURES['contrast_threshold']:g} for triangulation)")
     p.add_argument("--max-image-size", type=int, default=f.max_image_size,
                    help="shrink images whose longer side exceeds this before detection (0: never)")
     p.add_argument("--min-distance", type=float, default=0.25, help="keyframe spacing in metres ...")
@@ -79,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out must end in .npz, got {args.out}")
         if args.agreement < 1 or args.calibrate < 0 or args.calibrate_folds < 1 or args.calibrate_block < 1:
             raise ValueError("--agreement, --calibrate-folds and --calibrate-block must be >= 1 and --calibrate >= 0")
-        features = FeatureConfig(type=args.features, max_features=args.max_features, max_image_size=args.max_image_size)
         dataset = open_dataset(args.dataset, args.root, args.split)
         points = default_point_source(dataset) if args.points == "auto" else args.points
+        features = map_feature_config(  # from_dict: its errors read "feature config: <key> must be ..."
+            points, type=args.features, max_features=args.max_features, contrast_threshold=args.contrast_threshold,
+            max_image_size=args.max_image_size)
         poses = np.stack([pose_matrix(dataset, i) for i in range(len(dataset))])
         keyframes = select_keyframes(poses, args.min_distance, args.min_angle)
         print(f"build-map: {len(keyframes)} keyframes of {len(dataset)} {args.split} images, "

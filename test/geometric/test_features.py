@@ -93,7 +93,7 @@ def test_bad_input_and_config_raise():
         FeatureConfig(type="surf")
     with pytest.raises(ValueError, match="ratio"):
         FeatureConfig(ratio=1.5)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key 'nfeatures'"):
         FeatureConfig.from_dict({"type": "sift", "nfeatures": 3})
     with pytest.raises(ValueError, match="descriptors must be"):
         match_features(np.zeros((3, 32), np.uint8), np.zeros((3, 32), np.uint8), FeatureConfig())

@@ -121,7 +121,7 @@ def test_a_prior_in_the_wrong_place_falls_back_and_says_so(room):
     assert result.status == "fallback" and result.covariance is None
     assert "disagrees with the prior by 3.6" in result.reason
     # The keyframes around the refused pose, none of which made it, find the same pose: the prior was wrong.
-    confirmed = Refiner(room[1], replace(gate_only, neighbourhood_confirms=True)).refine(query(room, T_true), K, far, None)
+    confirmed = Refiner(room[1], gate_only.replace(neighbourhood_confirms=True)).refine(query(room, T_true), K, far, None)
     assert confirmed.status == "refined" and confirmed.source == "neighbourhood", confirmed.reason
     assert "confirms the pose the gate refused" in confirmed.reason and errors(confirmed.T, T_true)[0] < 0.02
     (_, made), (_, around) = confirmed.attempts  # keyframes_used is de-duplicated: it could not show an overlap
@@ -164,7 +164,7 @@ def test_a_refinement_that_disagrees_with_a_confident_prior_is_gated(room):
     np.testing.assert_array_equal(result.T, prior)
     assert result.inliers >= 30  # the geometry was fine; the gate refused it
     # Keyframes that did not make the pose find the same one: the prior was wrong, the pose is kept.
-    for settings, source in ((RefinementConfig(), "neighbourhood"), (replace(gate_only, retrieval_confirms=True), "retrieval")):
+    for settings, source in ((RefinementConfig(), "neighbourhood"), (gate_only.replace(retrieval_confirms=True), "retrieval")):
         confirmed = Refiner(room[1], settings).refine(rgb, K, prior, confident)
         assert confirmed.status == "refined" and confirmed.source == source, confirmed.reason
         assert "confirms the pose the gate refused" in confirmed.reason and errors(confirmed.T, T_true)[0] < 0.02
@@ -186,7 +186,7 @@ def test_bad_arguments_raise(room):
         Refiner(room[1], RefinementConfig(retrieval=False)).refine(rgb, K, None)
     with pytest.raises(ValueError, match="solver"):
         RefinementConfig(solver="magic")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key 'keyframe'"):
         RefinementConfig.from_dict({"keyframe": 3})
     blank = refiner.refine(rgb, K, pose(-2.5, 0.5, 1.3))  # no texture, no features: fallback, not an exception
     assert blank.status == "fallback" and "features" in blank.reason

@@ -10,9 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ros2_posenet.config_base import ConfigError
 from ros2_posenet.geometric.triangulation import (
     TriangulationConfig,
     TriangulationError,
+    epipolar_distance_matrix,
+    epipolar_guided_matches,
     fundamental_from_poses,
     select_pairs,
     symmetric_epipolar_distance,
@@ -239,10 +242,12 @@ def test_bad_input_raises_clear_errors():
         triangulate_map(feats, Ks, nan, matcher=lambda a, b: np.zeros((0, 2)))
     with pytest.raises(TriangulationError, match="keypoints"):
         triangulate_map([(np.zeros((4, 3)), np.zeros((4, 8)))] * 3, Ks, poses, matcher=lambda a, b: np.zeros((0, 2)))
-    with pytest.raises(TriangulationError, match="min_track_length"):
+    with pytest.raises(ValueError, match="min_track_length"):
         TriangulationConfig(min_track_length=1)
-    with pytest.raises(TriangulationError, match="max_reproj_px"):
+    with pytest.raises(ValueError, match="max_reproj_px"):
         TriangulationConfig(max_reproj_px=float("nan"))
+    with pytest.raises(ConfigError, match=r"triangulation config: unknown key 'min_angle' \(did you mean 'min_angle_deg'\?\)"):
+        TriangulationConfig.from_dict({"min_angle": 2.0})
     # No matches at all is not an error: an empty map that says so in its stats.
     empty = triangulate_map(feats, Ks, poses, matcher=lambda a, b: np.zeros((0, 2)))
     assert len(empty.points3d) == 0 and empty.stats["points"] == 0
@@ -264,6 +269,68 @@ def test_default_matcher_matches_descriptors_of_the_same_world_point():
     estimated, truth = scene.true_points_of(result)
     assert len(estimated) > 250
     assert np.max(np.linalg.norm(estimated - truth, axis=1)) < 0.05
+
+
+def sift_like_features(scene: Scene, rng, twins: bool = True, undetected: dict | None = None):
+    """SIFT-like descriptors; with ``twins`` every world point has a twin with the same look
+    (repeated texture: points 2k and 2k+1 share a signature), so no match passes a ratio test
+    over the whole image. ``undetected``: per camera, world points whose feature it does not detect."""
+    look = (lambda ids: ids // 2) if twins else (lambda ids: ids)
+    signatures = rng.integers(0, 200, (len(scene.points), 128))
+    features = []
+    for cam, (kp, ids) in enumerate(zip(scene.keypoints, scene.ids)):
+        if undetected and cam in undetected:
+            seen = ~np.isin(ids, undetected[cam])
+            scene.keypoints[cam], scene.ids[cam] = kp[seen], ids[seen]
+            kp, ids = kp[seen], ids[seen]
+        desc = np.clip(signatures[look(ids)] + rng.integers(0, 8, (len(ids), 128)), 0, 255).astype(np.uint8)
+        features.append((kp, desc))
+    return features
+
+
+def test_guided_matching_resolves_repeated_texture_along_the_epipolar_lines():
+    """Twins look alike but lie apart in the image: matching among the features near each
+    epipolar line (the default) finds them, matching over the whole image cannot."""
+    from ros2_posenet.geometric.features import FeatureConfig
+
+    scene = Scene(random_points(300, seed=20), arc_cameras(n=4), noise_px=0.3, seed=21)
+    features = sift_like_features(scene, np.random.default_rng(22))
+    Ks, sift = np.repeat(K[None], 4, 0), FeatureConfig(type="sift")
+    plain = triangulate_map(features, Ks, scene.poses, TriangulationConfig(guided_matching=False), sift)
+    guided = triangulate_map(features, Ks, scene.poses, TriangulationConfig(), sift)
+    assert TriangulationConfig().guided_matching
+    assert len(plain.points3d) < 30
+    estimated, truth = scene.true_points_of(guided)  # asserts no point mixes twins
+    assert len(estimated) > 250
+    assert np.max(np.linalg.norm(estimated - truth, axis=1)) < 0.05
+
+
+def test_guided_matching_leaves_a_feature_without_its_counterpart_unmatched():
+    """A feature whose true match was not detected must not take the least bad (often the only)
+    candidate near its epipolar line: two views could not expose such a point."""
+    from ros2_posenet.geometric.features import FeatureConfig
+
+    scene = Scene(random_points(300, seed=23), arc_cameras(n=2, spread_deg=20.0), noise_px=0.3, seed=24)
+    # A third of the points is detected only in camera 0, a third only in camera 1.
+    undetected = {0: np.arange(200, 300), 1: np.arange(100, 200)}
+    (kp_a, desc_a), (kp_b, desc_b) = sift_like_features(scene, np.random.default_rng(25), False, undetected)
+    F = fundamental_from_poses(K, scene.poses[0], K, scene.poses[1])
+    matches = epipolar_guided_matches(desc_a, desc_b, kp_a, kp_b, F, FeatureConfig(type="sift"), 2.0)
+    ids_a, ids_b = scene.ids[0][matches[:, 0]], scene.ids[1][matches[:, 1]]
+    assert np.all(ids_a == ids_b), f"{np.sum(ids_a != ids_b)} wrong matches"
+    shared = np.intersect1d(scene.ids[0], scene.ids[1])
+    assert len(matches) > 0.8 * len(shared)
+
+
+def test_epipolar_distance_matrix_agrees_with_the_pairwise_distance():
+    rng = np.random.default_rng(26)
+    poses = arc_cameras(n=2)
+    F = fundamental_from_poses(K, poses[0], K, poses[1])
+    x_a, x_b = rng.uniform(0, 480, (7, 2)), rng.uniform(0, 480, (5, 2))
+    matrix = epipolar_distance_matrix(F, x_a, x_b)
+    ia, ib = np.meshgrid(np.arange(7), np.arange(5), indexing="ij")
+    np.testing.assert_allclose(matrix, symmetric_epipolar_distance(F, x_a[ia.ravel()], x_b[ib.ravel()]).reshape(7, 5),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_a_pair_without_parallax_is_not_used():
@@ -318,6 +385,8 @@ def test_build_map_triangulates_a_rendered_scene_where_depth_says(tmp_path):
                            "triangulation", "--min-distance", "0.1", "--calibrate", "0", "--quiet"]) == 0
     scene_map = SceneMap.load(out)
     assert scene_map.point_source == "triangulation"
+    # A depth-free map starts from more, weaker features than a depth map (its default).
+    assert scene_map.feature_config.max_features == 4000 and scene_map.feature_config.contrast_threshold == 0.005
     assert set(scene_map.point_info) >= {"track_length", "angle_deg", "range_uncertainty", "reproj_error_px"}
     dataset = build_dataset("7scenes", root, "train", max_points=0)
     index = {record.name: i for i, record in enumerate(dataset.samples)}
@@ -331,3 +400,16 @@ def test_build_map_triangulates_a_rendered_scene_where_depth_says(tmp_path):
     relative = np.concatenate(relative)
     assert len(relative) > 500
     assert np.median(relative) < 0.01 and np.percentile(relative, 90) < 0.04
+
+
+def test_map_features_default_per_point_source_and_given_settings_win():
+    from ros2_posenet.geometric.features import FeatureConfig
+    from ros2_posenet.geometric.map_builder import TRIANGULATION_FEATURES, map_feature_config
+
+    assert map_feature_config("depth", max_features=None) == FeatureConfig()
+    triangulated = map_feature_config("triangulation", max_features=None, contrast_threshold=None)
+    assert triangulated == FeatureConfig(**TRIANGULATION_FEATURES) and triangulated.max_features > FeatureConfig().max_features
+    assert map_feature_config("triangulation", max_features=1500).max_features == 1500
+    assert map_feature_config("depth", contrast_threshold=0.01).contrast_threshold == 0.01
+    with pytest.raises(ValueError, match="max_features"):
+        map_feature_config("triangulation", max_features=3)

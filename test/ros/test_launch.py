@@ -371,7 +371,8 @@ ROSDEP_KEYS = {
     "matplotlib": "python3-matplotlib", "rosbags": "python3-rosbags-pip", "onnxruntime": "python3-onnxruntime-pip",
 }
 # No rosdep key (pip, from requirements.txt) or optional extras imported only when asked for.
-PIP_ONLY = {"onnx", "torch_tensorrt", "pycolmap", "poselib"}
+# pydantic: its key python3-pydantic is Ubuntu noble's pydantic 1; version 2 comes from requirements.txt.
+PIP_ONLY = {"onnx", "torch_tensorrt", "pycolmap", "poselib", "pydantic"}
 
 
 def imported_top_level_modules() -> set[str]:

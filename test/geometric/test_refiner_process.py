@@ -1,0 +1,70 @@
+"""The refiner in a child process (the node's): same answers, lower priority, restarted when it dies, ended when dropped."""
+import os
+
+import numpy as np
+import pytest
+
+from helpers import ROOM_K, room_map, room_pose
+from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose
+from ros2_posenet.geometric.refiner_process import RefinerProcess
+
+CONFIG = RefinementConfig(retrieval=False)
+
+
+@pytest.fixture(scope="module")
+def room(tmp_path_factory):
+    scene, scene_map = room_map()
+    return scene, scene_map, scene_map.save(tmp_path_factory.mktemp("map") / "room.npz")
+
+
+def _frame(scene, seed=1):
+    T = room_pose(-2.6, 0.5, 1.3, 8.0)
+    return scene.render(T, ROOM_K, 320, 240)[0], perturb_pose(T, 0.3, 5.0, np.random.default_rng(seed))
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_process_answers_as_the_refiner_at_a_lower_priority(room):
+    scene, scene_map, path = room
+    rgb, prior = _frame(scene)
+    process = RefinerProcess(path, CONFIG, nice=5)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, process.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
+        there = process.refine(rgb, ROOM_K, prior, None)
+        here = Refiner(scene_map, CONFIG).refine(rgb, ROOM_K, prior, None)
+        assert there.refined and (there.status, there.inliers, there.keyframes_used) == (here.status, here.inliers, here.keyframes_used)
+        np.testing.assert_allclose(there.T, here.T, atol=1e-9)
+        with pytest.raises(ValueError, match="RGB"):  # the refiner's error, raised here
+            process.refine(rgb[..., 0], ROOM_K, prior, None)
+        assert process.refine(rgb, ROOM_K, prior, None).refined  # and it serves on
+    finally:
+        process.close()
+
+
+def test_a_dead_process_is_replaced_and_a_dropped_one_ends(room):
+    scene, _, path = room
+    rgb, prior = _frame(scene)
+    process = RefinerProcess(path, CONFIG)
+    first = process.pid
+    os.kill(first, 9)
+    assert process.refine(rgb, ROOM_K, prior, None).refined
+    second = process.pid
+    assert second != first and _running(second)
+    del process
+    import gc
+
+    gc.collect()
+    assert not _running(second)
+
+
+def test_a_map_the_child_cannot_load_is_a_value_error(tmp_path):
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"not a map")
+    with pytest.raises(ValueError, match="broken.npz"):
+        RefinerProcess(bad, CONFIG)
