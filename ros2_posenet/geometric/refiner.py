@@ -1,6 +1,6 @@
 """Geometric refinement of a pose prior against a scene map: features -> 2D–3D matches -> PnP-RANSAC.
 
-(About 630 lines: the refiner's attempts — prior, guided, retrieval, confirmations — share its
+(About 670 lines: the refiner's attempts — prior, guided, retrieval, confirmations — share its
 state and gate; the pose solvers, the geometric covariance and the focal check live in :mod:`.pnp`.)
 
 The regressor says *where to look*; this stage makes the answer precise and knows

@@ -1,6 +1,6 @@
 """Depth-free scene points: triangulate feature matches between images with known poses.
 
-(About 600 lines: pairs, epipolar checks, tracks, DLT + least squares and the filters are
+(About 640 lines: pairs, epipolar checks, tracks, DLT + least squares and the filters are
 the steps of one pipeline with one config, read top to bottom.)
 
 What a user with posed photographs and no depth sensor (a Cambridge-style
