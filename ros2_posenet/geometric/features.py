@@ -163,13 +163,19 @@ def descriptor_distances(desc_a: np.ndarray, desc_b: np.ndarray, config: Feature
     """(Na, Nb) float32 distances and ``config.ratio`` in their units (squared L2 for SIFT, Hamming for ORB)."""
     config = config or FeatureConfig()
     a, b = _as_matchable(desc_a, config), _as_matchable(desc_b, config)
+    ratio = ratio_in_distance_units(config.ratio, config)
     if config.type == "sift":
-        # Squared L2 from one BLAS product; the ratio test compares squared distances.
+        # Squared L2 from one BLAS product.
         d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-        return np.maximum(d2, 0.0), config.ratio**2
+        return np.maximum(d2, 0.0), ratio
     # Hamming distance from one product of ±1 bit vectors: d = (bits - a±·b±) / 2.
     sa, sb = _signed_bits(a), _signed_bits(b)
-    return (sa.shape[1] - sa @ sb.T) * 0.5, config.ratio
+    return (sa.shape[1] - sa @ sb.T) * 0.5, ratio
+
+
+def ratio_in_distance_units(ratio: float, config: FeatureConfig) -> float:
+    """A ratio-test threshold in the units of this module's distances: squared for SIFT's squared L2."""
+    return float(ratio) ** 2 if config.type == "sift" else float(ratio)
 
 
 def _signed_bits(descriptors: np.ndarray) -> np.ndarray:

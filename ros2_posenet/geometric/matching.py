@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .features import FeatureConfig, check_descriptors
+from .features import FeatureConfig, check_descriptors, ratio_in_distance_units
 
 _NEIGHBOUR_CELLS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
 
@@ -100,7 +100,7 @@ def guided_matches(keypoints: np.ndarray, descriptors: np.ndarray, projections: 
     """
     ia, ib = pairs_within(keypoints, projections, window_px)
     distances = pair_distances(descriptors, map_descriptors, ia, ib, config)
-    return ratio_and_mutual(ia, ib, distances, _ratio_units(ratio, config), True)
+    return ratio_and_mutual(ia, ib, distances, ratio_in_distance_units(ratio, config), True)
 
 
 def guided_matches_dense(keypoints, descriptors, projections, map_descriptors, window_px: float, config: FeatureConfig,
@@ -113,9 +113,4 @@ def guided_matches_dense(keypoints, descriptors, projections, map_descriptors, w
         return np.zeros((0, 2), np.int64)
     near = ((kp[:, None, :] - uv[None]) ** 2).sum(-1) <= np.float32(window_px) ** 2
     distances, _ = descriptor_distances(descriptors, map_descriptors, config)
-    return match_from_distances(np.where(near, distances, np.inf).astype(np.float32), _ratio_units(ratio, config), True)
-
-
-def _ratio_units(ratio: float, config: FeatureConfig) -> float:
-    """The ratio in the distances' units: squared for SIFT's squared L2."""
-    return float(ratio) ** 2 if config.type == "sift" else float(ratio)
+    return match_from_distances(np.where(near, distances, np.inf).astype(np.float32), ratio_in_distance_units(ratio, config), True)

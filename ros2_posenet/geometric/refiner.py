@@ -315,14 +315,14 @@ class Refiner:
         size = (rgb.shape[1], rgb.shape[0])
 
         t0 = time.perf_counter()
-        keypoints, descriptors = detect_features(rgb, self._query_features)
+        query = _Query(*detect_features(rgb, self._query_features))
         timing["features"] = (time.perf_counter() - t0) * 1e3
 
         tried: list[int] = []
         attempts: list[tuple[str, list[int]]] = []
-        retrieve = lambda: self._retrieve(rgb, descriptors, tried, timing)  # noqa: E731
+        retrieve = lambda: self._retrieve(rgb, query, tried, timing)  # noqa: E731
         attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
-            source, keyframes, keypoints, descriptors, K, size, prior_T, prior_covariance, timing, tried, previous, attempts)
+            source, keyframes, query, K, size, prior_T, prior_covariance, timing, tried, previous, attempts)
         if prior_T is not None:
             outcome = attempt("prior", self.map.nearest_keyframes(
                 prior_T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg))
@@ -337,7 +337,15 @@ class Refiner:
 
     # ---- internals
 
-    def _retrieve(self, rgb: np.ndarray, descriptors: np.ndarray, exclude: list[int], timing: dict) -> np.ndarray:
+    def _matches(self, query: "_Query", keyframe: int) -> np.ndarray:
+        """The query's matches with ``keyframe`` (:func:`match_features`), computed once per image: retrieval's
+        re-ranking, the attempts and the confirmations ask for the same keyframes again."""
+        keyframe = int(keyframe)
+        if keyframe not in query.matches:
+            query.matches[keyframe] = match_features(query.descriptors, self.map.descriptors[keyframe], self.map.feature_config)
+        return query.matches[keyframe]
+
+    def _retrieve(self, rgb: np.ndarray, query: "_Query", exclude: list[int], timing: dict) -> np.ndarray:
         """The ``retrieval_keyframes`` keyframes most likely to see ``rgb`` that are not in ``exclude``.
 
         Ranked by the bag of visual words of the image's features, then the best
@@ -347,15 +355,15 @@ class Refiner:
         """
         cfg = self.config
         k = max(cfg.retrieval_keyframes, cfg.retrieval_candidates)
-        ranked = _untried(self.map.retrieve_keyframes(rgb, k + len(exclude), descriptors), exclude, k)
-        if cfg.retrieval_candidates > cfg.retrieval_keyframes and len(descriptors):
+        ranked = _untried(self.map.retrieve_keyframes(rgb, k + len(exclude), query.descriptors), exclude, k)
+        if cfg.retrieval_candidates > cfg.retrieval_keyframes and len(query.descriptors):
             t0 = time.perf_counter()
-            counts = [len(match_features(descriptors, self.map.descriptors[i], self.map.feature_config)) for i in ranked]
+            counts = [len(self._matches(query, i)) for i in ranked]
             ranked = ranked[np.argsort(-np.array(counts), kind="stable")]
             timing["matching"] += (time.perf_counter() - t0) * 1e3
         return ranked[:cfg.retrieval_keyframes]
 
-    def _guided_correspondences(self, T, K, size, keyframes, keypoints, descriptors, timing):
+    def _guided_correspondences(self, T, K, size, keyframes, query: "_Query", timing):
         """2D–3D correspondences found where a pose says they must be (guided matching).
 
         The 3D points of ``keyframes`` are projected into the query with ``T``; each query
@@ -375,30 +383,31 @@ class Refiner:
             uv = cam[:, :2] / z[:, None] @ np.diag([K[0, 0], K[1, 1]]) + K[:2, 2]
         visible = (z > 0.05) & np.all((uv > -0.5) & (uv < np.array(size) - 0.5), axis=1)
         points, map_desc, uv = points[visible], map_desc[visible], uv[visible]
-        if len(points) < 2 or len(keypoints) == 0:
+        if len(points) < 2 or len(query.keypoints) == 0:
             timing["matching"] += (time.perf_counter() - t0) * 1e3
             return np.zeros((0, 2)), np.zeros((0, 3))
-        pairs = guided_matches(keypoints, descriptors, uv, map_desc, cfg.guided_window_px, self.map.feature_config, cfg.guided_ratio)
+        pairs = guided_matches(query.keypoints, query.descriptors, uv, map_desc, cfg.guided_window_px, self.map.feature_config,
+                               cfg.guided_ratio)
         timing["matching"] += (time.perf_counter() - t0) * 1e3
-        return keypoints[pairs[:, 0]].astype(np.float64), points[pairs[:, 1]]
+        return query.keypoints[pairs[:, 0]].astype(np.float64), points[pairs[:, 1]]
 
-    def _correspondences(self, keyframes, keypoints, descriptors, timing):
+    def _correspondences(self, keyframes, query: "_Query", timing):
         """2D–3D correspondences: each query feature's match in the first keyframe that has one."""
         t0 = time.perf_counter()
-        used_query = np.zeros(len(keypoints), bool)
+        used_query = np.zeros(len(query.keypoints), bool)
         p2d, p3d = [], []
         for kf in keyframes:
-            pairs = match_features(descriptors, self.map.descriptors[kf], self.map.feature_config)
+            pairs = self._matches(query, kf)
             pairs = pairs[~used_query[pairs[:, 0]]] if len(pairs) else pairs
             used_query[pairs[:, 0]] = True
-            p2d.append(keypoints[pairs[:, 0]])
+            p2d.append(query.keypoints[pairs[:, 0]])
             p3d.append(self.map.points3d[kf][pairs[:, 1]])
         timing["matching"] += (time.perf_counter() - t0) * 1e3
         if not p2d:
             return np.zeros((0, 2)), np.zeros((0, 3))
         return np.concatenate(p2d).astype(np.float64), np.concatenate(p3d).astype(np.float64)
 
-    def _attempt(self, source, keyframes, keypoints, descriptors, K, size, prior_T, prior_cov, timing, tried,
+    def _attempt(self, source, keyframes, query: "_Query", K, size, prior_T, prior_cov, timing, tried,
                  previous=None, attempts=None):
         cfg = self.config
         outcome = {"ok": False, "source": source, "keyframes": [], "inliers": 0, "matches": 0, "T": None, "failure": ""}
@@ -412,10 +421,10 @@ class Refiner:
         outcome["keyframes"] = [int(k) for k in keyframes]
         if attempts is not None:
             attempts.append((source, outcome["keyframes"]))
-        if len(keypoints) < 6:
-            outcome.update(reason=f"only {len(keypoints)} features in the image", failure=FAILURE_NO_FEATURES)
+        if len(query.keypoints) < 6:
+            outcome.update(reason=f"only {len(query.keypoints)} features in the image", failure=FAILURE_NO_FEATURES)
             return outcome if previous is None else {**previous, "reason": outcome["reason"], "failure": FAILURE_NO_FEATURES}
-        p2d, p3d = self._correspondences(keyframes, keypoints, descriptors, timing)
+        p2d, p3d = self._correspondences(keyframes, query, timing)
         outcome["matches"] = len(p2d)
         t0 = time.perf_counter()
         # A pose needs retrieval_min_inliers where nothing can vouch for fewer: no prior, or one too wide for the gate.
@@ -427,7 +436,7 @@ class Refiner:
             # A pose from few matches is often right: matching again where it says the points are rescues it.
             timing["pose"] += (time.perf_counter() - t0) * 1e3
             near = self.map.nearest_keyframes(T, 2 * cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg)
-            g2d, g3d = self._guided_correspondences(T, K, size, near, keypoints, descriptors, timing)
+            g2d, g3d = self._guided_correspondences(T, K, size, near, query, timing)
             t0 = time.perf_counter()
             T2, inliers2 = solve_absolute_pose(g2d, g3d, K, size, cfg.ransac_threshold_px, cfg.solver)
             if T2 is not None and int(inliers2.sum()) > n_in:
@@ -572,6 +581,15 @@ class Refiner:
             raise AssertionError("no keyframe was tried")
         return RefinementResult(STATUS_FALLBACK, outcome["reason"] + "; answering the best retrieved keyframe's pose",
                                 self.map.poses[tried[0]].copy(), None, **common)
+
+
+@dataclass
+class _Query:
+    """One image's features, and its matches with the keyframes asked for so far (keyframe index -> pairs)."""
+
+    keypoints: np.ndarray
+    descriptors: np.ndarray
+    matches: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _untried(ranked: np.ndarray, exclude: list[int], k: int) -> np.ndarray:

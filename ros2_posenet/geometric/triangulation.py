@@ -53,6 +53,7 @@ from typing import Callable, Sequence
 import numpy as np
 from pydantic import ConfigDict, Field
 
+from ..geometry import skew
 from .settings import GeometricSettings
 
 log = logging.getLogger(__name__)
@@ -325,8 +326,7 @@ def fundamental_from_poses(K_a: np.ndarray, T_a: np.ndarray, K_b: np.ndarray, T_
     """F with ``x_b^T F x_a = 0`` for two cameras given as K and camera-to-world poses."""
     R_ba = T_b[:3, :3].T @ T_a[:3, :3]
     t_ba = T_b[:3, :3].T @ (T_a[:3, 3] - T_b[:3, 3])
-    tx = np.array([[0.0, -t_ba[2], t_ba[1]], [t_ba[2], 0.0, -t_ba[0]], [-t_ba[1], t_ba[0], 0.0]])
-    return np.linalg.inv(K_b).T @ tx @ R_ba @ np.linalg.inv(K_a)
+    return np.linalg.inv(K_b).T @ skew(t_ba) @ R_ba @ np.linalg.inv(K_a)
 
 
 def epipolar_distance_matrix(F: np.ndarray, x_a: np.ndarray, x_b: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from ros2_posenet.geometric.features import FeatureConfig, detect_features, matc
 from ros2_posenet.geometric.pnp import FocalHistory
 from ros2_posenet.geometric.refiner import (
     FAILURE_CALIBRATION, FAILURE_INLIER_RATIO, FAILURE_MAX_CORRECTION, FAILURE_TOO_FEW_INLIERS, RefinementConfig, Refiner,
-    perturb_pose, pose_difference,
+    _Query, perturb_pose, pose_difference,
 )
 from ros2_posenet.geometric.scene_map import SceneMap
 
@@ -270,5 +270,5 @@ def test_guided_matching_from_a_pose_that_sees_no_keyframe_finds_nothing_instead
     refiner = Refiner(scene_map)
     keypoints, descriptors = detect_features(images[1], scene_map.feature_config)
     timing = {"matching": 0.0}
-    p2d, p3d = refiner._guided_correspondences(T_away, K, (320, 240), none, keypoints, descriptors, timing)
+    p2d, p3d = refiner._guided_correspondences(T_away, K, (320, 240), none, _Query(keypoints, descriptors), timing)
     assert len(none) == 0 and p2d.shape == (0, 2) and p3d.shape == (0, 3)
