@@ -17,7 +17,8 @@ behind a trained network (refines, not falls back), and costs what it costs. Bot
 on the same node and machine: ``refine: false`` keeps the map loaded and only the regressor
 publishes. Target (issue 24 item 7): regressor rate with refine on >= 95 % of refine off.
 The node refines in a child process (``ros2_posenet.geometric.refiner_process``); ``--refiner-nice``,
-``--refiner-threads`` and ``--switch-interval`` try other settings of it (and of the GIL hand-over).
+``--refiner-threads``, ``--refiner-idle`` and ``--switch-interval`` try other settings of it (and of the
+GIL hand-over). The load average at the start is printed: the ratio means little on a busy machine.
 """
 from __future__ import annotations
 
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--driver-process", action="store_true", help="publish the images from a separate process (a camera driver node), not from the node's")
     parser.add_argument("--refiner-nice", type=int, help="niceness added to the refinement thread (default: the node's)")
     parser.add_argument("--refiner-threads", type=int, help="OpenCV threads of the refinement process (default: its module's)")
+    parser.add_argument("--refiner-idle", type=int, choices=(0, 1), help="1/0: the refinement process under SCHED_IDLE or not "
+                        "(default: its module's)")
     parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval (s) of the node's process (GIL hand-over)")
     parser.add_argument("--as-driver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -184,6 +187,9 @@ def main(argv=None) -> int:
     from ros2_posenet.geometric.features import FeatureConfig
     from ros2_posenet.ros.node import PoseNetNode
 
+    import os
+
+    load_at_start = os.getloadavg()[0]
     args.work.mkdir(parents=True, exist_ok=True)
     root = ensure_scene(root, SyntheticSceneConfig(width=640, height=480, frames_train=160, frames_test=30, train_sequences=1))
     map_path = args.work / "map_640_sift.npz"
@@ -199,6 +205,8 @@ def main(argv=None) -> int:
         node_module.REFINER_NICE = refiner_process.REFINER_PROCESS_NICE = args.refiner_nice
     if args.refiner_threads is not None:
         refiner_process.REFINER_PROCESS_THREADS = args.refiner_threads
+    if args.refiner_idle is not None:
+        refiner_process.REFINER_PROCESS_IDLE = bool(args.refiner_idle)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     rclpy.init()
@@ -239,7 +247,8 @@ def main(argv=None) -> int:
         values = [r[path[0]][path[1]] if len(path) == 2 else r[path[0]] for r in rows]
         return float(np.mean(values))
 
-    print(f"machine: {machine_description()}")
+    print(f"machine: {machine_description()}; load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at the end "
+          "(this run's own load included)")
     print(f"camera {args.rate:g} Hz, 640x480, {args.duration:g} s per setting (two interleaved halves), node cpu_threads {args.cpu_threads}, "
           f"images from {'a separate driver process' if args.driver_process else 'a driver node in the node process'}")
     print("| refine | sent/s | regressor poses/s | regressor p50 / p90 ms | verified poses/s | verified p50 / p90 ms | refined | fallback | skipped by refiner | superseded |")

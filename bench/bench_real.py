@@ -45,8 +45,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_refine import cached_map, errors, print_maps, summarize, test_frames  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
-from ros2_posenet.geometric.map_builder import open_dataset  # noqa: E402
+from ros2_posenet.geometric.map_builder import map_feature_config, open_dataset  # noqa: E402
+from ros2_posenet.tools.build_map import build_parser as build_map_parser  # noqa: E402
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose  # noqa: E402
+from ros2_posenet.geometric.tracking import Track, replay_stamps  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
 HOLOLENS = DATA / "hololens-office"
@@ -79,39 +81,43 @@ def refinement_config(args) -> RefinementConfig:
     return RefinementConfig.from_dict(fields)
 
 
-def map_features(args) -> FeatureConfig:
-    return FeatureConfig(max_features=args.max_features, max_image_size=args.max_image_size,
-                         contrast_threshold=args.contrast_threshold)
+def map_features(args, points: str) -> FeatureConfig:
+    """build-map's features for ``points`` (its per-source defaults), with the given options over them."""
+    return map_feature_config(points, max_features=args.max_features, max_image_size=args.max_image_size,
+                              contrast_threshold=args.contrast_threshold)
 
 
 def bench_hololens(args, config: RefinementConfig) -> None:
     if not HOLOLENS.is_dir():
         print(f"bench_real: hololens skipped, {HOLOLENS} not found")
         return
-    features = map_features(args)
     spacing = (args.min_distance, args.min_angle)
-    tag = f"f{args.max_features}_s{args.max_image_size}_c{args.contrast_threshold:g}_d{args.min_distance:g}_a{args.min_angle:g}"
-    allowed, split, indices = None, "test", None
+    suffix, allowed, split, indices = "", None, "test", None
     if args.split == "validation":  # blocks of the training walk left out of the map, as the test split is built
         n = len(open_dataset("7scenes", HOLOLENS, "train"))
         # the regressor's own held-out blocks (block_split, fraction 0.15 -> k = 7, block k // 2), else every 4th
-        held = (np.arange(n) // 15) % 7 == 3 if args.priors == "regressor" else (np.arange(n) // 15) % 4 == 1
+        every = args.validation_every
+        held = (np.arange(n) // 15) % 7 == 3 if args.priors == "regressor" else (np.arange(n) // 15) % every == 1
         allowed, split, indices = np.flatnonzero(~held), "train", np.flatnonzero(held)
-        tag += "_val" if args.priors == "perturbed" else "_val7"
+        suffix = "_val7" if args.priors == "regressor" else "_val" if every == 4 else f"_val{every}"
     frames = test_frames(HOLOLENS, 0 if args.priors == "regressor" else args.frames, split, indices)
     priors = regressor_priors(args, split, indices) if args.priors == "regressor" else None
     what = f"priors {args.prior_m} m / {args.prior_deg}° off" if priors is None else f"priors from {args.checkpoint}"
     maps, figures, results = {}, {}, {}
     for points in args.maps:
+        features = map_features(args, points)
+        tag = (f"f{features.max_features}_s{features.max_image_size}_c{features.contrast_threshold:g}"
+               f"_d{args.min_distance:g}_a{args.min_angle:g}{suffix}")
         name = f"{points} ({tag})"
         maps[name], figures[name] = cached_map(args.work / f"hololens_{points}_{tag}.npz", HOLOLENS, features, points,
                                                calibrate_frames=args.calibrate, spacing=spacing, allowed=allowed)
         if priors is None:  # the same priors as bench_refine.run draws
             rng, cov = np.random.default_rng(0), np.diag([args.prior_m**2] * 3 + [np.radians(args.prior_deg) ** 2] * 3)
             drawn = np.stack([perturb_pose(T, args.prior_m, args.prior_deg, rng) for _, _, T in frames])
-            results[name] = run_with_priors(Refiner(maps[name], config), frames, drawn, np.broadcast_to(cov, (len(frames), 6, 6)))
+            results[name] = run_with_priors(Refiner(maps[name], config), frames, drawn, np.broadcast_to(cov, (len(frames), 6, 6)),
+                                            args.stream_rate)
         else:
-            results[name] = run_with_priors(Refiner(maps[name], config), frames, *priors)
+            results[name] = run_with_priors(Refiner(maps[name], config), frames, *priors, args.stream_rate)
     print_maps(figures)
     print_results(f"hololens-office {args.split} split ({len(frames)} frames), {what}", results)
 
@@ -144,12 +150,19 @@ def regressor_priors(args, split: str, indices) -> tuple[np.ndarray, np.ndarray]
     return data["poses"], data["covariances"]
 
 
-def run_with_priors(refiner: Refiner, frames, priors: np.ndarray, covariances: np.ndarray) -> dict:
-    """Refine every frame from the given priors; figures of the outputs, wrong refined frames counted, fallbacks listed."""
+def run_with_priors(refiner: Refiner, frames, priors: np.ndarray, covariances: np.ndarray, stream_rate: float = 0.0) -> dict:
+    """Refine every frame from the given priors; figures of the outputs, wrong refined frames counted, fallbacks listed.
+
+    ``stream_rate`` > 0: the frames, in order, are one camera stream at that rate, tracked as the node does.
+    """
     rows = []
-    for (rgb, K, T_true), prior, prior_cov in zip(frames, priors, covariances):
+    track = Track.for_config(refiner.config) if stream_rate else None
+    stamps = replay_stamps([""] * len(frames), stream_rate) if track else np.zeros(len(frames))
+    for (rgb, K, T_true), prior, prior_cov, stamp in zip(frames, priors, covariances, stamps):
         cpu = time.process_time()
-        result = refiner.refine(rgb, K, prior, prior_cov)
+        result = refiner.refine(rgb, K, prior, prior_cov, track.prior(stamp) if track else None)
+        if track and result.refined:
+            track.update(stamp, result.T, result.covariance)
         cpu_ms = (time.process_time() - cpu) * 1e3
         out_err, prior_err = errors(result.T, T_true), errors(prior, T_true)
         rows.append({"refined": result.refined, "source": result.source, "failure": result.failure,
@@ -192,6 +205,7 @@ def bench_fountain(args, config: RefinementConfig) -> None:
 
 
 def main(argv=None) -> int:
+    build_map_cli = build_map_parser()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", choices=("hololens", "fountain"), default=["hololens", "fountain"])
     p.add_argument("--maps", nargs="+", choices=MAPS, default=list(MAPS))
@@ -199,16 +213,22 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=0, help="hololens test frames (0: all 90)")
     p.add_argument("--split", choices=("test", "validation"), default="test",
                    help="validation: every 4th block of 15 training frames is left out of the map and queried (for tuning)")
+    p.add_argument("--validation-every", type=int, default=4, choices=(3, 4),
+                   help="--split validation with perturbed priors: every Nth block is held out (3: the middle block of each "
+                        "run of 45 training frames, so a held-out block has map frames on both sides, as a test block has)")
     p.add_argument("--priors", choices=("perturbed", "regressor"), default="perturbed",
                    help="hololens priors: the truth moved --prior-m / --prior-deg, or a regressor's (--checkpoint)")
     p.add_argument("--checkpoint", type=Path, help="regressor checkpoint for --priors regressor")
+    p.add_argument("--stream-rate", type=float, default=0.0,
+                   help="hololens: > 0 replays the queried frames in order as one stream at this rate (Hz), tracked as the "
+                        "node does (the blocks of a split jump: the track must recover); 0: every frame alone")
     p.add_argument("--prior-m", type=float, default=0.3)
     p.add_argument("--prior-deg", type=float, default=10.0)
-    p.add_argument("--max-features", type=int, default=FeatureConfig().max_features)
+    p.add_argument("--max-features", type=int, default=None, help="default: build-map's for the map's point source")
     p.add_argument("--max-image-size", type=int, default=0)
-    p.add_argument("--contrast-threshold", type=float, default=FeatureConfig().contrast_threshold)
-    p.add_argument("--min-distance", type=float, default=0.25, help="keyframe spacing (m), as build-map")
-    p.add_argument("--min-angle", type=float, default=15.0, help="keyframe spacing (deg), as build-map")
+    p.add_argument("--contrast-threshold", type=float, default=None, help="default: build-map's for the map's point source")
+    p.add_argument("--min-distance", type=float, default=build_map_cli.get_default("min_distance"), help="keyframe spacing (m), as build-map")
+    p.add_argument("--min-angle", type=float, default=build_map_cli.get_default("min_angle"), help="keyframe spacing (deg), as build-map")
     p.add_argument("--calibrate", type=int, default=20, help="held-out training frames for the covariance scale")
     p.add_argument("--refine-config", type=Path, help="RefinementConfig YAML (default: the defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RefinementConfig overrides")

@@ -20,7 +20,8 @@ Sections (each prints its table):
 * ``speed`` (issue 24 item 8): the same 640x480 scene and map, ms per part and accuracy per
   speed option: the dense guided-matching window matrix against the grid index (also with
   guided matching forced on every frame), OpenCV threads, fewer query features,
-  ``query_max_image_size`` values, a map detected at a reduced size.
+  ``query_max_image_size`` values, a map detected at a reduced size; with ``--speed-detectors``
+  each detector alone (OpenCV SIFT variants, ORB, pycolmap's SIFT).
 
 Maps and scenes are cached under ``--work`` (default /tmp/bench_refine).
 """
@@ -276,6 +277,62 @@ def section_speed(args, work: Path) -> None:
     timed("before (again, for the noise)", full, kernel=guided_matches_dense, **before)
     print_table(f"speed options at 640x480 ({len(frames)} test frames, priors {args.prior_m} m / {args.prior_deg}°; "
                 f"'forced' rows: min_inliers unreachable, so all fall back; machine shared)", results)
+    if args.speed_detectors:
+        print_detector_times([rgb for rgb, _, _ in frames])
+
+
+def detector_variants() -> dict:
+    """Detectors the query could use, as ``name -> f(grey) -> keypoint count`` (issue 24 item 8: what each costs)."""
+    import cv2
+
+    def opencv_sift(layers=3, contrast=FeatureConfig().contrast_threshold, scale=1.0):
+        sift = cv2.SIFT_create(FeatureConfig().max_features, layers, contrast, 10, 1.6)
+
+        def detect(grey):
+            if scale != 1.0:
+                grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+            return len(sift.detectAndCompute(grey, None)[0])
+        return detect
+
+    orb = cv2.ORB_create(FeatureConfig().max_features, 1.2, 8, fastThreshold=12, scoreType=cv2.ORB_HARRIS_SCORE)
+    variants = {
+        "OpenCV SIFT (the map's: 3 layers per octave, contrast 0.02, image doubled)": opencv_sift(),
+        "OpenCV SIFT, 2 layers per octave": opencv_sift(layers=2),
+        "OpenCV SIFT, contrast 0.04": opencv_sift(contrast=0.04),
+        "OpenCV SIFT on the 0.875x image (query_max_image_size 560)": opencv_sift(scale=0.875),
+        "OpenCV SIFT on the 0.75x image (480)": opencv_sift(scale=0.75),
+        "OpenCV SIFT on the 0.5x image (the doubled octave = full size, as first octave 0)": opencv_sift(scale=0.5),
+        "OpenCV ORB": lambda grey: len(orb.detectAndCompute(grey, None)[0]),
+    }
+    try:
+        import pycolmap
+    except ImportError:
+        return variants
+    for first_octave in (-1, 0):
+        options = pycolmap.FeatureExtractionOptions()
+        options.num_threads, options.sift.max_num_features, options.sift.first_octave = 2, FeatureConfig().max_features, first_octave
+        options.sift.peak_threshold = FeatureConfig().contrast_threshold / 3  # OpenCV divides its threshold by the layers
+        extractor = pycolmap.Sift(options, pycolmap.Device.cpu)
+        variants[f"pycolmap SIFT (CPU), first octave {first_octave}"] = (
+            lambda grey, extractor=extractor: len(extractor.extract(np.ascontiguousarray(grey))[0]))
+    return variants
+
+
+def print_detector_times(images) -> None:
+    """Median ms of each detector alone (features and descriptors, OpenCV and pycolmap on 2 threads) and its keypoints."""
+    import cv2
+
+    cv2.setNumThreads(2)
+    greys = [cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) for rgb in images]
+    print("\n| detector (640x480, 2 threads) | ms | keypoints |\n| --- | --- | --- |")
+    for name, detect in detector_variants().items():
+        detect(greys[0])  # first call: allocations
+        times, counts = [], []
+        for grey in greys:
+            start = time.perf_counter()
+            counts.append(detect(grey))
+            times.append((time.perf_counter() - start) * 1e3)
+        print(f"| {name} | {np.median(times):.0f} | {np.median(counts):.0f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -290,6 +347,8 @@ def main(argv=None) -> int:
     p.add_argument("--speed-query-sizes", type=int, nargs="*", default=[560, 480, 400, 320], help="speed: query_max_image_size values")
     p.add_argument("--speed-query-features", type=int, nargs="*", default=[500], help="speed: query feature caps")
     p.add_argument("--speed-map-sizes", type=int, nargs="*", default=[], help="speed: maps detected at these sizes too")
+    p.add_argument("--speed-detectors", action="store_true", help="speed: also time each detector alone (OpenCV SIFT "
+                   "variants, ORB, pycolmap SIFT)")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     ensure_scene(args.scene, SyntheticSceneConfig())

@@ -28,6 +28,7 @@ from .covariance import REPORT_LEVELS, UNCERTAINTY_METHODS, block_nees, calibrat
 from .geometric.refiner import RefinementConfig, Refiner
 from .geometric.retrieval import tiny_image_descriptor
 from .geometric.scene_map import MapError
+from .geometric.tracking import Track, replay_stamps
 from .inference import Relocalizer
 from .metrics import (
     METHOD_MEAN, METHOD_MODEL, METHOD_NN, METHOD_REFINED, METHOD_RETRIEVAL_REFINED, THRESHOLDS, Forward, dataset_poses,
@@ -76,6 +77,7 @@ def evaluate_checkpoint(
     refine_config=None,
     uncertainty: str | None = None,
     data_options: dict | None = None,
+    stream_rate_hz: float = 0.0,
 ) -> dict:
     """Errors of a checkpoint on one scene's split, with baselines; optionally writes files.
 
@@ -93,7 +95,9 @@ def evaluate_checkpoint(
     ``ms_per_frame`` (and the refined ones ``refined_share``, ``median_inliers``): for the
     regressor its batched prediction time per frame (image decoding included), for a
     refinement row the mean wall time of ``Refiner.refine`` (plus the regressor's, for
-    ``posenet + refinement``).
+    ``posenet + refinement``). ``stream_rate_hz`` > 0: the split's frames, in order, are a camera
+    stream at that rate, and each frame's first prior is the last verified pose (the node's
+    tracking, :class:`~ros2_posenet.geometric.tracking.Track`); 0: every frame alone.
 
     Returns a dict with ``scene``, ``split``, ``checkpoint``, ``methods`` (method name ->
     :func:`summarize_errors` dict) and ``files`` (written paths). With ``out_dir`` it
@@ -124,7 +128,8 @@ def evaluate_checkpoint(
     extras = {}
     if scene_map is not None:
         refined, extras, refined_covariance = refinement_predictions(scene_map, dataset, pred["pred_t"], pred["pred_q"],
-                                                                     covariance.numpy(), refine_config, progress)
+                                                                     covariance.numpy(), refine_config, progress,
+                                                                     stream_rate_hz)
         per_method.update(refined)
         extras[METHOD_MODEL] = {"ms_per_frame": model_ms}
         extras[METHOD_REFINED]["ms_per_frame"] += model_ms  # the refinement runs after the regressor
@@ -176,13 +181,15 @@ def baseline_predictions(train_set, query_set, progress: bool = False) -> dict[s
 
 
 def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: torch.Tensor, prior_covariance,
-                           config=None, progress: bool = False) -> tuple[dict, dict, torch.Tensor]:
+                           config=None, progress: bool = False, stream_rate_hz: float = 0.0) -> tuple[dict, dict, torch.Tensor]:
     """The regressor's poses refined against ``scene_map``, and retrieval + refinement (no prior).
 
     Args:
         prior_t, prior_q: (N, 3), (N, 4) the regressor's poses, in dataset order.
         prior_covariance: (6, 6) or per frame (N, 6, 6): the regressor's covariance (the gate's prior uncertainty).
         config: :class:`~ros2_posenet.geometric.refiner.RefinementConfig` (default settings if None).
+        stream_rate_hz: > 0: the frames in order are a camera stream at this rate; the regressor
+            + refinement row tracks (:class:`~ros2_posenet.geometric.tracking.Track`).
 
     Returns:
         ``({method: (t (N, 3), q (N, 4))}, {method: {"ms_per_frame", "refined_share", "median_inliers"}}, covariance)``;
@@ -194,21 +201,27 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
 
     refiner = Refiner(scene_map, config)
     base, indices = unwrap_subset(dataset)
+    track = Track.for_config(refiner.config) if stream_rate_hz else None
+    stamps = replay_stamps([_sequence_name(base, i) for i in indices], stream_rate_hz) if track else None
     prior_covariance = np.asarray(prior_covariance, dtype=float)
     if prior_covariance.shape == (6, 6):
         prior_covariance = np.broadcast_to(prior_covariance, (len(indices), 6, 6))
     poses = {METHOD_REFINED: [], METHOD_RETRIEVAL_REFINED: []}
-    stats = {name: {"ms": [], "refined": [], "inliers": []} for name in poses}
+    stats = {name: {"ms": [], "refined": [], "inliers": [], "tracked": []} for name in poses}
     published_covariance = []
     for k, i in enumerate(tqdm(indices, desc="refine", leave=False, disable=not progress)):
         rgb, K = base.load_image(i), base.intrinsics(i)
         prior = pose_to_matrix(prior_t[k].double().numpy(), prior_q[k].double().numpy())
-        for name, args in ((METHOD_REFINED, (prior, prior_covariance[k])), (METHOD_RETRIEVAL_REFINED, (None, None))):
+        tracked = track.prior(stamps[k]) if track else None
+        for name, args in ((METHOD_REFINED, (prior, prior_covariance[k], tracked)), (METHOD_RETRIEVAL_REFINED, (None, None))):
             result = refiner.refine(rgb, K, *args)
+            if track and name == METHOD_REFINED and result.refined:
+                track.update(stamps[k], result.T, result.covariance)
             poses[name].append(np.concatenate(matrix_to_pose(result.T)))
             stats[name]["ms"].append(result.timing_ms["total"])
             stats[name]["refined"].append(result.refined)
             stats[name]["inliers"].append(result.inliers)
+            stats[name]["tracked"].append(result.refined and result.source == "tracking")
             if name == METHOD_REFINED:
                 published_covariance.append(result.covariance)
     predictions = {
@@ -217,10 +230,16 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
     }
     extras = {
         name: {"ms_per_frame": float(np.mean(s["ms"])), "refined_share": float(np.mean(s["refined"])),
-               "median_inliers": float(np.median(s["inliers"]))}
+               "median_inliers": float(np.median(s["inliers"])),
+               **({"tracked_share": float(np.mean(s["tracked"]))} if track and name == METHOD_REFINED else {})}
         for name, s in stats.items()
     }
     return predictions, extras, torch.as_tensor(np.array(published_covariance), dtype=torch.float64)
+
+
+def _sequence_name(base, i: int) -> str:
+    """The folder of frame ``i``'s image (7-Scenes: its sequence), "" when the loader keeps no path."""
+    return str(Path(record_field(base.samples[i], "image_path")).parent) if _has_field(base.samples[i], "image_path") else ""
 
 
 def write_scene_outputs(out_dir: Path, result: dict, dataset, pred: dict, per_method: dict, errors: dict, plots: bool) -> dict:
@@ -374,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'posenet + refinement' and 'retrieval + refinement' with time per frame")
     p.add_argument("--refine-config", type=Path, default=None, metavar="YAML",
                    help="refinement settings (RefinementConfig fields, e.g. config/refine.yaml)")
+    p.add_argument("--stream-rate", type=float, default=0.0, metavar="HZ",
+                   help="with --map: replay the split's frames in order as a camera stream at HZ, each frame's first "
+                        "prior the last verified pose, as the node tracks (default 0: every frame alone, as the paper)")
     return p
 
 
@@ -403,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                     train_root=args.train_root, batch_size=args.batch_size, workers=args.workers,
                     device=args.device, plots=not args.no_plots, progress=sys.stderr.isatty(), uncertainty=args.uncertainty,
                     map_file=map_file, refine_config=refine_config, data_options=parse_options(args.data_option),
+                    stream_rate_hz=args.stream_rate,
                 )
             )
     except (CheckpointError, MapError, ValueError, TypeError, FileNotFoundError) as err:  # DatasetError is a ValueError; TypeError: a bad --data-option

@@ -12,8 +12,8 @@ from helpers import untrained_checkpoint
 from ros2_posenet.checkpoint import load_checkpoint, save_checkpoint
 from ros2_posenet.covariance import (
     calibrate_methods, calibration_metrics, standard_deviations, chi2_ppf, coverage, covariance_matrix, fit_block_scales, fit_scale,
-    fixed_block_scales, guarded_block_scales, held_out_folds, leave_block_out_fixed_nees,
-    mc_dropout_covariance, nees, pose_residuals, scale_covariance, unit_covariances, with_floor,
+    fixed_block_scales, guarded_block_scales, held_out_blocks, MODEL_FIT_LEVELS, mc_dropout_covariance, nees,
+    pose_residuals, robust_residual_variances, scale_covariance, unit_covariances, variance_upper_limit, with_floor,
 )
 from ros2_posenet.data.split import block_split, sequence_split, split_frames
 from ros2_posenet.inference import Relocalizer
@@ -140,39 +140,75 @@ def test_guarded_scales_hold_the_validation_tail_inside_the_95_percent_bound():
     assert metrics["position_within_95"] >= 0.98 and sr > 3 * fit_block_scales(heavy, unit)[1]
 
 
-def test_held_out_folds_are_the_validation_blocks_or_pieces_of_one_run():
+def test_held_out_blocks_are_the_validation_runs_or_pieces_of_one_run():
     blocks = np.concatenate([np.arange(10, 25), np.arange(100, 115), np.arange(190, 205)])
-    folds = held_out_folds(blocks[::-1])  # any order: folds follow the frames' dataset index
-    assert sorted(tuple(np.sort(blocks[::-1][f])) for f in folds) == [tuple(range(a, a + 15)) for a in (10, 100, 190)]
-    one_sequence = held_out_folds(np.arange(300, 400))
-    assert [len(f) for f in one_sequence] == [20] * 5 and np.array_equal(np.concatenate(one_sequence), np.arange(100))
-    many = held_out_folds(np.arange(0, 200, 2))  # 100 runs of one frame: 5 folds of neighbouring frames
-    assert len(many) == 5 and all(np.all(np.diff(f) == 1) for f in many)
-    with pytest.raises(ValueError, match="empty"):
-        held_out_folds([])
+    assert held_out_blocks(blocks[::-1]) == 3  # any order: runs of the frames' dataset index
+    assert held_out_blocks(np.arange(300, 400)) == 5  # one whole sequence: its 5 pieces
+    assert held_out_blocks(np.concatenate([np.arange(0, 50), np.arange(80, 130)])) == 5  # two runs: pieces too
+    assert held_out_blocks([7, 8, 9]) == 3  # never more pieces than frames
+    assert held_out_blocks(np.arange(0, 40, 2)) == 20  # 20 runs of one frame each
+    with pytest.raises(ValueError, match="without held-out frames"):
+        held_out_blocks([])
 
 
-def test_fixed_covariance_is_not_inflated_by_one_gross_validation_error():
-    # Per-axis errors (yaw dominant) and one 160° flip about roll in 100 validation frames: the tail
-    # guard scales the whole rotation block to that flip and covers 99 %+ of fresh frames; the
-    # leave-block-out fit stays inside the 90-98 % band in position, rotation and 6-DoF.
-    gen = torch.Generator().manual_seed(0)
-    sd = torch.tensor([1.0, 1.0, 0.2, 0.05, 0.05, 0.3], dtype=torch.float64)
-    val = torch.randn(100, 6, generator=gen, dtype=torch.float64) * sd
-    val[37, 3] = 2.8
-    fresh = torch.randn(4000, 6, generator=gen, dtype=torch.float64) * sd
-    unit = torch.diag(val.pow(2).mean(0)).expand(len(fresh), 6, 6)  # the ``fixed`` per-axis variances
-    new = calibration_metrics(fresh, scale_covariance(unit, *fixed_block_scales(val, held_out_folds(np.arange(100)))))
-    assert all(0.90 <= new[f"{block}_within_95"] <= 0.98 for block in ("position", "rotation", "joint")), new
-    guarded = calibration_metrics(fresh, scale_covariance(unit, *guarded_block_scales(val, unit[:100])))
-    assert guarded["rotation_within_95"] > 0.98
-    # Each fold is judged by the variances of the others: errors twice the other place's are NEES 4 per axis.
-    place_a, place_b = torch.full((4, 6), 0.1, dtype=torch.float64), torch.full((4, 6), 0.2, dtype=torch.float64)
-    position, rotation = leave_block_out_fixed_nees(torch.cat((place_a, place_b)), [np.arange(4), np.arange(4, 8)])
-    np.testing.assert_allclose(position, [0.75] * 4 + [12.0] * 4)
-    np.testing.assert_allclose(rotation, position)
-    # Without two folds there is nothing to leave out: the tail guard, as for the per-frame methods.
-    assert fixed_block_scales(val, [np.arange(100)]) == guarded_block_scales(val, unit[:100])
+def test_variance_upper_limit_and_fixed_scales_by_hand():
+    # dof / chi2_ppf(0.05, dof): chi-square 5 % quantiles 7.2609 (15 dof), 3.3251 (9), 0.35185 (3).
+    assert variance_upper_limit(15) == pytest.approx(15 / 7.2609, rel=1e-4)
+    assert variance_upper_limit(9) == pytest.approx(9 / 3.3251, rel=1e-4)
+    assert variance_upper_limit(3) == pytest.approx(3 / 0.35185, rel=1e-4)
+    assert variance_upper_limit(3000) == pytest.approx(1.0, abs=0.07)
+    with pytest.raises(ValueError, match="dof"):
+        variance_upper_limit(0)
+    # NEES exactly at the chi-square quantiles of 1000 evenly spaced levels: the 68/95/99 fit is 1, so the
+    # published scales are the upper limits themselves: 5 blocks (15 dof) x2.066, 3 blocks (9 dof) x2.707.
+    quantiles = torch.from_numpy(chi2_ppf((np.arange(1000) + 0.5) / 1000, 3))
+    residuals = (quantiles / 3).sqrt()[:, None].expand(1000, 6) * torch.tensor([1.0, 2, 3, 0.1, 0.2, 0.3], dtype=torch.float64)
+    variances = torch.tensor([1.0, 4, 9, 0.01, 0.04, 0.09], dtype=torch.float64)
+    assert fit_scale(quantiles.numpy(), 3, MODEL_FIT_LEVELS) == pytest.approx(1.0, rel=0.01)
+    for blocks, limit in ((5, 2.0659), (3, 2.7067)):
+        np.testing.assert_allclose(fixed_block_scales(residuals, blocks, variances), [limit, limit], rtol=0.01)
+
+
+def test_fixed_shape_is_not_set_by_one_gross_validation_error():
+    # 100 frames with errors of +-0.05 on every axis and one 160° (2.8 rad) flip about roll: the flip's
+    # roll NEES under the plain variances is 7.84 / 0.0809 + 2 = 99 > 16.3 (99.9 % bound), so the shape
+    # is 0.05² on every axis; the plain mean square would make roll 32x as uncertain as pitch.
+    residuals = torch.full((100, 6), 0.05, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(50)[:, None]
+    residuals[37, 3] = 2.8
+    np.testing.assert_allclose(robust_residual_variances(residuals), [0.0025] * 6, rtol=1e-12)
+    assert residuals.pow(2).mean(0)[3] == pytest.approx((99 * 0.0025 + 2.8**2) / 100)
+
+
+@pytest.mark.parametrize("places, frames", [(5, 20), (3, 15), (20, 5)])
+def test_fixed_bound_holds_a_new_place_at_the_confidence_it_claims(places, frames):
+    # The regressor's error is shared by neighbouring frames: each place draws one error and its frames add
+    # 30 % of their own. Validation holds ``places`` places (one run of 100 frames, or blocks); over 200
+    # draws of it, the published 95 % bound holds >= 90 % of fresh places' errors in ~9 draws out of 10,
+    # where the 68/95/99 fit alone (no upper limit) does in about 4 out of 10 with 3-5 places, 8 with 20.
+    gen = torch.Generator().manual_seed(places)
+    sd = torch.tensor([1.0, 0.8, 0.2, 0.05, 0.04, 0.3], dtype=torch.float64)
+
+    def errors(count, per_place):
+        shared = torch.randn(count, 1, 6, generator=gen, dtype=torch.float64)
+        return ((shared + 0.3 * torch.randn(count, per_place, 6, generator=gen, dtype=torch.float64)) * sd).reshape(-1, 6)
+
+    index = np.arange(100) if places == 5 else np.concatenate([np.arange(k * 3 * frames, k * 3 * frames + frames) for k in range(places)])
+    blocks = held_out_blocks(index)
+    assert blocks == places
+    fresh, bound = errors(2000, 1), float(chi2_ppf(0.95, 3))
+    held = {"published": [], "fit alone": []}
+    for _ in range(200):
+        val = errors(places, len(index) // places)
+        variances = robust_residual_variances(val)
+        published = fixed_block_scales(val, blocks, variances)
+        alone = [s / variance_upper_limit(3 * blocks) for s in published]
+        for name, scales in (("published", published), ("fit alone", alone)):
+            held[name].append([float(((fresh[:, sl].pow(2) / (variances[sl] * s)).sum(-1) <= bound).double().mean())
+                               for sl, s in zip((slice(0, 3), slice(3, 6)), scales)])
+    published, alone = np.array(held["published"]), np.array(held["fit alone"])
+    assert np.all((published >= 0.90).mean(0) >= 0.85), (published >= 0.90).mean(0)
+    assert np.all((alone >= 0.90).mean(0) < np.minimum(0.85, (published >= 0.90).mean(0) - 0.1)), (alone >= 0.90).mean(0)
+    assert np.all(np.median(published, 0) <= 0.995)  # wider, not unbounded
 
 
 def test_floor_and_scaling_keep_the_covariance_symmetric_positive_definite():
@@ -273,7 +309,7 @@ def test_uncertainty_settings_round_trip_through_the_checkpoint(tmp_path):
     path = _calibrated_checkpoint(tmp_path / "m.pt")
     stored = load_checkpoint(path)["covariance"]["uncertainty"]
     assert stored["method"] == "mc_dropout" and stored["mc_samples"] == 8
-    assert load_checkpoint(path)["covariance"]["scale_fit"] == "leave-block-out, 5 folds"  # 12 frames in 5 pieces
+    assert load_checkpoint(path)["covariance"]["scale_fit"].endswith("5 held-out blocks (15 dof)")  # 12 frames in 5 pieces
     assert set(stored["scales"]) == {"mc_dropout", "variance_head"} and set(stored["val_metrics"]) == {"fixed", "mc_dropout", "variance_head"}
     image = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
 

@@ -113,6 +113,9 @@ def _incremental_options(pycolmap):
     options.ba_refine_principal_point = False
     options.ba_refine_extra_params = False
     options.random_seed = 0
+    # One thread: with more, the seed does not make COLMAP's incremental mapper reproducible; the 30-frame synthetic
+    # loop of test_make_dataset came out bent (0.46 m alignment residual, refused) in 1 of 2 runs, and in none of 4 with one.
+    options.num_threads = 1
     options.multiple_models = True
     return options
 

@@ -69,6 +69,7 @@ from .pnp import (
 )
 from .scene_map import SceneMap
 from .settings import GeometricSettings
+from .tracking import TrackedPrior
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,13 @@ class RefinementConfig(GeometricSettings):
             those), and the pose is solved again; the result passes every check as usual.
         query_max_image_size: the query image is shrunk to at most this many pixels on its
             longer side before its features are detected (keypoints scaled back; 0: as the
-            map's ``FeatureConfig.max_image_size``). SIFT's time follows the pixel count:
-            480 makes a 640x480 frame ~1.5x faster, at a cost in accuracy (bench/RESULTS.md,
-            issue 24 item 8: on real images it verified a 0.56 m error that full size did not).
+            map's ``FeatureConfig.max_image_size``). SIFT's time follows the pixel count: 560
+            (the default) makes a 640x480 frame ~1.15x faster (>= 15 Hz on 2 cores) at the same
+            accuracy; 480 ~1.4x, less accurate; larger images lose more (bench/RESULTS.md, issue 24 item 8).
+        tracking_max_gap_s: an image stream's last verified pose is the first prior of its
+            frames for this long (:class:`~.tracking.Track`, the node and relocalize-bag; 0: off).
+        tracking_speed_m_s, tracking_turn_deg_s: the fastest the camera is expected to move and
+            turn: that prior's standard deviation grows by these times its age.
     """
 
     model_config = ConfigDict(title="refinement config")  # the prefix of from_dict's errors
@@ -179,7 +184,10 @@ class RefinementConfig(GeometricSettings):
     guided_min_inliers: _PoseInliers = 8
     guided_window_px: float = Field(12.0, gt=0)
     guided_ratio: float = Field(0.9, gt=0, le=1)
-    query_max_image_size: int = Field(0, ge=0)
+    query_max_image_size: int = Field(560, ge=0)
+    tracking_max_gap_s: float = Field(1.0, ge=0)
+    tracking_speed_m_s: float = Field(1.5, gt=0)
+    tracking_turn_deg_s: float = Field(90.0, gt=0)
 
     @classmethod
     def from_yaml(cls, path) -> "RefinementConfig":
@@ -292,7 +300,7 @@ class Refiner:
                 self._focal_check = False
 
     def refine(self, rgb: np.ndarray, K: np.ndarray, prior_T: np.ndarray | None = None,
-               prior_covariance: np.ndarray | None = None) -> RefinementResult:
+               prior_covariance: np.ndarray | None = None, tracked: TrackedPrior | None = None) -> RefinementResult:
         """Refine ``prior_T`` (camera-to-world, optical frame, map frame) for image ``rgb``.
 
         Args:
@@ -301,6 +309,8 @@ class Refiner:
             prior_T: (4, 4) prior pose (e.g. the regressor's); None = retrieval only.
             prior_covariance: (6, 6) x y z roll pitch yaw of the prior; None = the
                 config's default prior std for the gate, and None on fallback.
+            tracked: the stream's last verified pose as a prior (:class:`~.tracking.Track`),
+                tried first, with its own gate; failing that, ``prior_T`` as usual.
 
         Raises:
             ValueError: malformed arguments only. Data-dependent failures (no features,
@@ -323,9 +333,12 @@ class Refiner:
         retrieve = lambda: self._retrieve(rgb, query, tried, timing)  # noqa: E731
         attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
             source, keyframes, query, K, size, prior_T, prior_covariance, timing, tried, previous, attempts)
-        if prior_T is not None:
+        followed = self._follow(tracked, query, K, size, timing, tried, attempts)
+        if followed is not None and followed["ok"]:
+            outcome = followed
+        elif prior_T is not None:
             outcome = attempt("prior", self.map.nearest_keyframes(
-                prior_T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg))
+                prior_T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg), previous=followed)
             if outcome.get("gated") and not outcome.get("capped"):
                 outcome = self._confirm_refused(outcome, attempt, retrieve, tried)
             elif cfg.retrieval and not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION:
@@ -336,6 +349,16 @@ class Refiner:
         return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
 
     # ---- internals
+
+    def _follow(self, tracked: TrackedPrior | None, query: "_Query", K, size, timing, tried, attempts) -> dict | None:
+        """The pose from the keyframes nearest the tracked prior, gated by it (None without a track)."""
+        if tracked is None:
+            return None
+        cfg = self.config
+        keyframes = self.map.nearest_keyframes(tracked.T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg)
+        # Refused by its gate, or too few inliers: the track is lost, and the regressor's prior decides.
+        return self._attempt("tracking", keyframes, query, K, size, tracked.T, tracked.covariance, timing, tried,
+                             attempts=attempts)
 
     def _matches(self, query: "_Query", keyframe: int) -> np.ndarray:
         """The query's matches with ``keyframe`` (:func:`match_features`), computed once per image: retrieval's
@@ -413,6 +436,7 @@ class Refiner:
         outcome = {"ok": False, "source": source, "keyframes": [], "inliers": 0, "matches": 0, "T": None, "failure": ""}
         if len(keyframes) == 0:
             outcome["reason"] = {"prior": "no keyframe of the map looks the way the prior does",
+                                 "tracking": "no keyframe of the map looks the way the last verified pose does",
                                  "neighbourhood": "no other keyframe around the refused pose",
                                  "retrieval": "no keyframe retrieved"}[source]
             outcome["failure"] = FAILURE_NO_KEYFRAMES
@@ -428,7 +452,7 @@ class Refiner:
         outcome["matches"] = len(p2d)
         t0 = time.perf_counter()
         # A pose needs retrieval_min_inliers where nothing can vouch for fewer: no prior, or one too wide for the gate.
-        wide = source == "prior" and self._prior_is_wide(prior_cov)
+        wide = source in ("prior", "tracking") and self._prior_is_wide(prior_cov)
         min_inliers = cfg.retrieval_min_inliers if source == "retrieval" or wide else cfg.min_inliers
         T, inliers = solve_absolute_pose(p2d, p3d, K, size, cfg.ransac_threshold_px, cfg.solver)
         n_in = int(inliers.sum())
@@ -445,7 +469,8 @@ class Refiner:
         outcome["inliers"] = n_in
         if T is None or n_in < min_inliers or n_in < cfg.min_inlier_ratio * max(1, len(p2d)):
             timing["pose"] += (time.perf_counter() - t0) * 1e3
-            what = {"prior": "keyframes near the prior", "neighbourhood": "keyframes around the refused pose",
+            what = {"prior": "keyframes near the prior", "tracking": "keyframes near the last verified pose",
+                    "neighbourhood": "keyframes around the refused pose",
                     "retrieval": "retrieved keyframes"}[source]
             outcome["reason"] = (f"too few inliers with the {what}: {n_in} of {len(p2d)} matches "
                                  f"(need {min_inliers} and {cfg.min_inlier_ratio:.0%}"
@@ -467,7 +492,7 @@ class Refiner:
         if prior_T is not None:
             delta = pose_difference(T, prior_T)
             outcome["correction"] = (float(np.linalg.norm(delta[:3])), float(np.degrees(np.linalg.norm(delta[3:]))))
-            if source == "prior":
+            if source in ("prior", "tracking"):
                 gate, capped = self._gate(delta, covariance, prior_cov)
                 if gate:
                     outcome.update(ok=False, gated=True, capped=capped, reason=gate,

@@ -6,7 +6,8 @@ the regressor's next torch call waits, and a lower-priority thread that is preem
 holding it stalls the regressor for as long as the scheduler leaves it off the CPU (a
 priority inversion). numpy's OpenBLAS and OpenCV's thread pools, started by other threads,
 also run the refiner's work at full priority. A child process has its own GIL, and its
-whole process (every thread it starts) is niced, so it takes only the CPU the regressor leaves.
+whole process (every thread it starts) is niced and, on Linux, scheduled as ``SCHED_IDLE``, so
+it takes only the CPU the regressor leaves.
 
 Protocol: pickled requests ``(rgb, K, prior_T, prior_covariance)`` on the child's stdin,
 pickled ``("ok", RefinementResult)`` or ``("error", type name, message)`` on a private copy
@@ -33,6 +34,10 @@ REFINER_PROCESS_NICE = 19
 # over both cores of a small CPU; the regressor kept 92-99 % of its rate (2 threads: 87-93 %) and more poses
 # were verified (10-11/s against 9/s), 30 Hz camera, 640x480, 2 cores (bench/bench_node_refine.py).
 REFINER_PROCESS_THREADS = 1
+# Linux's SCHED_IDLE policy for the child on top of the niceness: a core running only SCHED_IDLE work counts
+# as idle, so a woken regressor (or camera driver) thread is placed on it and preempts the refiner at once,
+# instead of queueing behind it or beside the regressor on the other core (a niced task still takes its turn).
+REFINER_PROCESS_IDLE = True
 START_TIMEOUT_S = 120.0
 # numpy's OpenBLAS threads busy-wait: on a loaded 2-core machine two of them made the matching
 # products 10x slower than one (bench/RESULTS.md); the refiner's products are small anyway.
@@ -51,15 +56,17 @@ class RefinerProcess:
         config: :class:`~.refiner.RefinementConfig` (None: defaults).
         nice: niceness added to the child process (None: ``REFINER_PROCESS_NICE``).
         threads: OpenCV threads of the child (None: ``REFINER_PROCESS_THREADS``; 0: OpenCV's default).
+        idle: schedule the child as ``SCHED_IDLE`` (None: ``REFINER_PROCESS_IDLE``; Linux only, else ignored).
 
     Raises (at construction): ValueError when the child cannot load the map or the config,
     with the child's message.
     """
 
-    def __init__(self, map_file, config=None, nice: int | None = None, threads: int | None = None):
+    def __init__(self, map_file, config=None, nice: int | None = None, threads: int | None = None, idle: bool | None = None):
         self.map_file = str(map_file)
         self.nice = int(REFINER_PROCESS_NICE if nice is None else nice)
         self.threads = int(REFINER_PROCESS_THREADS if threads is None else threads)
+        self.idle = bool(REFINER_PROCESS_IDLE if idle is None else idle)
         self._config = None if config is None else config.to_dict()
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
@@ -71,7 +78,7 @@ class RefinerProcess:
         """The child's process id (None when it is not running)."""
         return None if self._process is None else self._process.pid
 
-    def refine(self, rgb, K, prior_T=None, prior_covariance=None):
+    def refine(self, rgb, K, prior_T=None, prior_covariance=None, tracked=None):
         """:meth:`~.refiner.Refiner.refine` in the child: a ``RefinementResult``; ValueError as the refiner raises
         it. A child found dead is replaced and the frame tried once more; :class:`RefinerProcessError` when the
         new one dies on it too (the next call starts another)."""
@@ -80,7 +87,7 @@ class RefinerProcess:
                 if self._process is None or self._process.poll() is not None:
                     self._start()
                 try:
-                    self._send((rgb, K, prior_T, prior_covariance))
+                    self._send((rgb, K, prior_T, prior_covariance, tracked))
                     answer = self._receive()
                     break
                 except (EOFError, OSError, pickle.UnpicklingError) as err:
@@ -106,7 +113,7 @@ class RefinerProcess:
         package_root = str(Path(__file__).resolve().parents[2])
         environment = {**os.environ, **CHILD_ENVIRONMENT,
                        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH", "")]))}
-        self._process = subprocess.Popen([sys.executable, "-m", __name__, self.map_file, str(self.nice), str(self.threads)],
+        self._process = subprocess.Popen([sys.executable, "-m", __name__, self.map_file, str(self.nice), str(self.threads), str(int(self.idle))],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment)
         self._finalizer = weakref.finalize(self, _end, self._process)
         try:
@@ -145,12 +152,17 @@ def _end(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def serve(map_file: str, nice: int, threads: int = 0) -> int:
+def serve(map_file: str, nice: int, threads: int = 0, idle: bool = False) -> int:
     """The child: load the map, then answer requests until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints of the libraries go to stderr, not into the answers
-    os.nice(nice)
+    os.nice(nice)  # before any thread starts (Linux: per thread, inherited by the threads it starts), as the policy
+    if idle and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:  # not permitted here: niceness alone
+            pass
     requests = sys.stdin.buffer
 
     def answer(message) -> None:
@@ -186,4 +198,4 @@ def serve(map_file: str, nice: int, threads: int = 0) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))))

@@ -18,6 +18,7 @@ from ..inference import PosePrediction
 from ..geometric.refiner import STATUS_FALLBACK, STATUS_REFINED, RefinementConfig, RefinementResult, Refiner
 from ..geometric.refiner_process import RefinerProcess
 from ..geometric.scene_map import SceneMap
+from ..geometric.tracking import Track
 from .camera_info import CameraInfoBuffer, CameraInfoError, CameraIntrinsics, intrinsics_mismatch
 
 # Outcome of one frame, also the node's counter names ("refine_<status>").
@@ -54,6 +55,9 @@ class Undistorter:
 class NodeRefinement:
     """Map + refiner of one node; CameraInfo comes from the node's :class:`CameraInfoBuffer`.
 
+    One image stream: its last verified pose is the next frames' first prior (:class:`Track`,
+    ``refine.tracking_*``); a new map starts a new track.
+
     The buffer is the node's (it outlives a map switch); ``warn`` is called with a
     text once when the live camera differs from the one the map was made with.
     """
@@ -63,6 +67,7 @@ class NodeRefinement:
         """``separate_process``: the refiner runs in a niced child process (:class:`RefinerProcess`; the node's choice)."""
         self.scene_map = SceneMap.load(map_file)  # MapError says what to do
         self.refiner = RefinerProcess(map_file, config) if separate_process else Refiner(self.scene_map, config)
+        self.track = Track.for_config(config or RefinementConfig())  # the stream's last verified pose
         self.map_file = map_file
         self.camera_infos = camera_infos if camera_infos is not None else CameraInfoBuffer()
         self._undistort = Undistorter()
@@ -98,9 +103,11 @@ class NodeRefinement:
         except CameraInfoError as err:
             return RefinementOutcome(prediction, NO_CAMERA_INFO, str(err))
         prior_T = pose_to_matrix(prediction.position, prediction.quaternion)
-        result = self.refiner.refine(self._undistort(rgb, intrinsics), intrinsics.K, prior_T, prediction.covariance)
+        result = self.refiner.refine(self._undistort(rgb, intrinsics), intrinsics.K, prior_T, prediction.covariance,
+                                     self.track.prior(stamp_seconds))
         if not result.refined:
             return RefinementOutcome(prediction, FALLBACK, result.reason, result)
+        self.track.update(stamp_seconds, result.T, result.covariance)
         position, quaternion = matrix_to_pose(result.T)
         refined = PosePrediction(position=position, quaternion=quaternion, covariance=np.asarray(result.covariance, dtype=float))
         return RefinementOutcome(refined, REFINED, result.reason, result)

@@ -12,7 +12,9 @@ from the scene's own source:
 ``depth`` (7-Scenes layout: depth images), ``reconstruction`` (Cambridge: the NVM
 points observed in each image) or ``triangulation`` (matches between keyframes
 with their known poses; needs no depth, :mod:`ros2_posenet.geometric.triangulation`).
-``--agreement N`` keeps only points that N keyframes place at the same spot. For depth
+``--triangulation KEY=VALUE ...`` sets the thresholds of triangulated points
+(:class:`~ros2_posenet.geometric.triangulation.TriangulationConfig`). ``--agreement N`` keeps
+only points that N keyframes place at the same spot. For depth
 not exactly registered to colour (the real 7-Scenes) use ``--points triangulation``:
 bench/RESULTS.md measures both on a deliberately shifted depth.
 
@@ -35,10 +37,11 @@ import numpy as np
 
 from ..geometric.features import FEATURE_TYPES, FeatureConfig
 from ..geometric.map_builder import (
-    CALIBRATION_SPLITS, POINT_CHOICES, TRIANGULATION_FEATURES, build_scene_map, calibrate_held_out, default_point_source,
+    CALIBRATION_SPLITS, POINT_CHOICES, SOURCE_FEATURES, build_scene_map, calibrate_held_out, default_point_source,
     map_feature_config, open_dataset, pose_matrix,
 )
 from ..geometric.scene_map import MapError, filter_by_agreement, select_keyframes
+from ..geometric.triangulation import TriangulationConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "triangulation for a posed image set without depth)")
     p.add_argument("--features", choices=FEATURE_TYPES, default=f.type)
     p.add_argument("--max-features", type=int, help=f"features per keyframe (map size; default {f.max_features}, "
-                   f"{TRIANGULATION_FEATURES['max_features']} for triangulation)")
+                   f"{SOURCE_FEATURES['depth']['max_features']} for depth, "
+                   f"{SOURCE_FEATURES['triangulation']['max_features']} for triangulation)")
     p.add_argument("--contrast-threshold", type=float, help=f"SIFT contrast threshold (lower: more, weaker features; "
-                   f"default {f.contrast_threshold:g}, {TRIANGULATION_FEATURES['contrast_threshold']:g} for triangulation)")
+                   f"default {f.contrast_threshold:g}, {SOURCE_FEATURES['triangulation']['contrast_threshold']:g} for triangulation)")
     p.add_argument("--max-image-size", type=int, default=f.max_image_size,
                    help="shrink images whose longer side exceeds this before detection (0: never)")
-    p.add_argument("--min-distance", type=float, default=0.25, help="keyframe spacing in metres ...")
-    p.add_argument("--min-angle", type=float, default=15.0, help="... or degrees of viewing direction")
+    # Dense keyframes: real test walks see places from viewpoints between the training ones (hololens-office,
+    # validation split: with 2000 features 0.25 m / 15° refined 74.7 % and 66.7 %, with wrong frames; 0.1 m / 5° 76.0 %
+    # and 71.1 %, none wrong). hloc keeps every database image.
+    p.add_argument("--min-distance", type=float, default=0.1, help="keyframe spacing in metres ...")
+    p.add_argument("--min-angle", type=float, default=5.0, help="... or degrees of viewing direction")
+    p.add_argument("--triangulation", nargs="*", type=setting, default=[], metavar="KEY=VALUE",
+                   help="--points triangulation: TriangulationConfig settings (YAML values) over its defaults, e.g. "
+                        "min_track_length=3 min_angle_deg=2 max_range_uncertainty=0.05 for the older map of fewer, "
+                        "checked points (half the size, fewer real frames refined: bench/RESULTS.md)")
     p.add_argument("--agreement", type=int, default=1,
                    help="keep points that this many keyframes agree on (1: all; 2-3 for misregistered depth)")
     p.add_argument("--calibrate", type=int, default=60,
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--agreement, --calibrate-folds and --calibrate-block must be >= 1 and --calibrate >= 0")
         dataset = open_dataset(args.dataset, args.root, args.split)
         points = default_point_source(dataset) if args.points == "auto" else args.points
+        if args.triangulation and points != "triangulation":
+            raise ValueError(f"--triangulation applies to --points triangulation, not to {points} points")
         features = map_feature_config(  # from_dict: its errors read "feature config: <key> must be ..."
             points, type=args.features, max_features=args.max_features, contrast_threshold=args.contrast_threshold,
             max_image_size=args.max_image_size)
@@ -94,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         keyframes = select_keyframes(poses, args.min_distance, args.min_angle)
         print(f"build-map: {len(keyframes)} keyframes of {len(dataset)} {args.split} images, "
               f"{features.type} features, points from {points}", flush=True)
-        scene_map = build_scene_map(dataset, keyframes, features, points, args.map_frame, progress=not args.quiet)
+        scene_map = build_scene_map(dataset, keyframes, features, points, args.map_frame, progress=not args.quiet,
+                                    triangulation=TriangulationConfig.from_dict(dict(args.triangulation)))
         if args.agreement > 1:
             scene_map = filter_by_agreement(scene_map, min_views=args.agreement)
         build_seconds = time.perf_counter() - start
@@ -116,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({s['points_per_keyframe_median']:.0f} per keyframe), {path.stat().st_size / 1e6:.1f} MB, "
           f"built in {build_seconds:.1f} s" + (f"; {describe_calibration(calibration)}" if calibration else ""))
     return 0
+
+
+def setting(item: str) -> tuple[str, object]:
+    """One ``KEY=VALUE`` argument, the value read as YAML (argparse reports a malformed one)."""
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not (sep and key):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    return key, yaml.safe_load(value)
 
 
 def describe_calibration(calibration: dict) -> str:

@@ -221,6 +221,18 @@ def test_evaluate_with_a_map_adds_refined_rows(tmp_path_factory, tmp_path, capsy
     assert calibration["uncertainty"].startswith(METHOD_REFINED) and 0 <= calibration["position_within_95"] <= 1
     assert "geometric" in table
 
+    # The test frames replayed as a 1 Hz stream (3.4-3.8 m apart: inside 4 sigma of the 1.5 m/s bound): after a
+    # verified frame the next ones start from it.
+    common = ["--checkpoint", str(ckpt), "--dataset", "7scenes", "--root", str(root), "--map", str(map_file),
+              "--refine-config", str(settings), "--no-plots", "--no-baselines"]
+    assert evaluate_main([*common, "--stream-rate", "1", "--out", str(tmp_path / "stream")]) == 0
+    streamed = json.loads((tmp_path / "stream" / "results.json").read_text())[0]["methods"][METHOD_REFINED]
+    assert 0 < streamed["tracked_share"] <= streamed["refined_share"]
+    assert "tracked_share" not in methods[METHOD_REFINED]
+    capsys.readouterr()
+    assert evaluate_main([*common, "--stream-rate", "-1"]) == 2
+    assert "positive" in capsys.readouterr().err
+
     assert evaluate_main(["--checkpoint", str(ckpt), "--dataset", "7scenes", "--root", str(root),
                           "--map", str(tmp_path / "absent.npz")]) == 2
     assert "build-map" in capsys.readouterr().err

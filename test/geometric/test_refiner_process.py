@@ -36,6 +36,7 @@ def test_the_process_answers_as_the_refiner_at_a_lower_priority(room):
     process = RefinerProcess(path, CONFIG, nice=5)
     try:
         assert os.getpriority(os.PRIO_PROCESS, process.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
+        assert os.sched_getscheduler(process.pid) == os.SCHED_IDLE  # a core running only the refiner counts as idle
         there = process.refine(rgb, ROOM_K, prior, None)
         here = Refiner(scene_map, CONFIG).refine(rgb, ROOM_K, prior, None)
         assert there.refined and (there.status, there.inliers, there.keyframes_used) == (here.status, here.inliers, here.keyframes_used)
@@ -43,6 +44,15 @@ def test_the_process_answers_as_the_refiner_at_a_lower_priority(room):
         with pytest.raises(ValueError, match="RGB"):  # the refiner's error, raised here
             process.refine(rgb[..., 0], ROOM_K, prior, None)
         assert process.refine(rgb, ROOM_K, prior, None).refined  # and it serves on
+    finally:
+        process.close()
+
+
+def test_the_idle_policy_can_be_left_off(room):
+    _, _, path = room
+    process = RefinerProcess(path, CONFIG, idle=False)
+    try:
+        assert os.sched_getscheduler(process.pid) == os.sched_getscheduler(0)
     finally:
         process.close()
 

@@ -192,13 +192,39 @@ def test_two_view_points_only_where_a_keyframe_needs_them():
     assert np.all(strict.track_length >= 3) and len(strict.points3d) > 80
     assert not np.any(np.isin(truth, patch).all(axis=1)), "a 2-view point was kept"
     # Cameras 3 and 4 have fewer than 150 multi-view points: they keep their 2-view points too.
-    relaxed = scene.run(TriangulationConfig(min_track_length=3, min_points_per_keyframe=150))
+    # (cameras 10° apart: no limit on the two-view angle here, which has its own test)
+    relaxed = scene.run(TriangulationConfig(min_track_length=3, min_points_per_keyframe=150, max_two_view_angle_deg=0.0))
     estimated, truth = scene.true_points_of(relaxed)
     two_view = relaxed.track_length == 2
     assert two_view.sum() > 80 and np.isin(truth[two_view], patch).all()
     np.testing.assert_allclose(estimated, truth, atol=1e-6)
     for cam in range(3):  # the others are unchanged
         assert np.sum(relaxed.point_index[cam] >= 0) == np.sum(strict.point_index[cam] >= 0)
+
+
+def test_two_view_points_kept_by_default_unless_their_views_are_far_apart():
+    # Five cameras 2° apart around the origin (rays of a point meet at ≈ 2° between neighbours, 8° between the
+    # outer two): 100 points all see, a patch only cameras 0 and 1 see, another only cameras 0 and 4 see.
+    common = random_points(100, seed=18)
+    near_patch = random_points(60, seed=19, half_size=0.5) + np.array([0.6, 0.0, 0.0])
+    far_patch = random_points(60, seed=20, half_size=0.5) - np.array([0.6, 0.0, 0.0])
+    points = np.concatenate([common, near_patch, far_patch])
+    scene = Scene(points, arc_cameras(n=5, spread_deg=8.0), noise_px=0.0)
+    seen_by = {0: (0, 1, 2), 1: (0, 1), 2: (0,), 3: (0,), 4: (0, 2)}  # 0: common, 1: near patch, 2: far patch
+    group = np.repeat([0, 1, 2], [100, 60, 60])
+    for cam, groups in seen_by.items():
+        keep = np.isin(group[scene.ids[cam]], groups)
+        scene.ids[cam], scene.keypoints[cam] = scene.ids[cam][keep], scene.keypoints[cam][keep]
+    # The defaults keep two-view points (no keyframe-count rescue needed), but not those whose two
+    # views are far apart: there a feature that no view between them matched is usually a mismatch.
+    result = scene.run(TriangulationConfig())
+    estimated, truth = scene.true_points_of(result)
+    kept_groups = group[[int(np.flatnonzero(np.all(points == t, axis=1))[0]) for t in truth]]
+    assert np.sum(kept_groups == 1) == 60 and np.sum(kept_groups == 0) == 100
+    assert np.sum(kept_groups == 2) == 0 and result.stats["rejected_wide_two_view"] == 60
+    np.testing.assert_allclose(estimated, truth, atol=1e-6)
+    unlimited = scene.run(TriangulationConfig(max_two_view_angle_deg=0.0))
+    assert len(unlimited.points3d) == 220 and unlimited.stats["rejected_wide_two_view"] == 0
 
 
 def test_pairs_skip_views_that_look_apart_or_share_a_centre():
@@ -402,11 +428,35 @@ def test_build_map_triangulates_a_rendered_scene_where_depth_says(tmp_path):
     assert np.median(relative) < 0.01 and np.percentile(relative, 90) < 0.04
 
 
+def test_build_map_takes_triangulation_settings_and_refuses_bad_ones(tmp_path, capsys):
+    from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene
+    from ros2_posenet.geometric.scene_map import SceneMap
+    from ros2_posenet.tools import build_map
+
+    root = tmp_path / "scene"
+    generate_scene(root, SyntheticSceneConfig(width=320, height=240, frames_train=12, frames_test=1, num_points=0))
+    out = tmp_path / "map.npz"
+    common = ["--dataset", "7scenes", "--root", str(root), "--out", str(out), "--calibrate", "0", "--quiet"]
+    assert build_map.main(common + ["--points", "triangulation", "--triangulation", "min_track_length=3",
+                                    "min_points_per_keyframe=0"]) == 0
+    scene_map = SceneMap.load(out)
+    assert scene_map.metadata["triangulation"]["config"]["min_track_length"] == 3
+    assert scene_map.num_points > 0 and np.concatenate(scene_map.point_info["track_length"]).min() >= 3
+    out.unlink()
+    assert build_map.main(common + ["--points", "triangulation", "--triangulation", "min_track=3"]) == 2
+    assert "unknown key 'min_track'" in capsys.readouterr().err and not out.exists()
+    assert build_map.main(common + ["--points", "depth", "--triangulation", "min_track_length=3"]) == 2
+    assert "--triangulation applies to --points triangulation" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not KEY=VALUE
+        build_map.main(common + ["--points", "triangulation", "--triangulation", "min_track_length"])
+
+
 def test_map_features_default_per_point_source_and_given_settings_win():
     from ros2_posenet.geometric.features import FeatureConfig
     from ros2_posenet.geometric.map_builder import TRIANGULATION_FEATURES, map_feature_config
 
-    assert map_feature_config("depth", max_features=None) == FeatureConfig()
+    assert map_feature_config("depth", max_features=None) == FeatureConfig(max_features=2000)
+    assert map_feature_config("reconstruction", max_features=None) == FeatureConfig()
     triangulated = map_feature_config("triangulation", max_features=None, contrast_threshold=None)
     assert triangulated == FeatureConfig(**TRIANGULATION_FEATURES) and triangulated.max_features > FeatureConfig().max_features
     assert map_feature_config("triangulation", max_features=1500).max_features == 1500

@@ -1,4 +1,4 @@
-"""The node's refinement runs in a niced child process (issue 24 item 7), one per map, ended with its map."""
+"""The node's refinement runs in a niced SCHED_IDLE child process (issue 24 item 7), one per map, ended with its map."""
 import ros_fixtures
 from ros_fixtures import make_posenet_node, wait_for
 
@@ -34,6 +34,7 @@ def test_the_refiner_is_a_lower_priority_child_that_ends_with_its_map(context, r
         refiner = node._live.refinement.refiner
         assert isinstance(refiner, RefinerProcess) and refiner.pid != os.getpid() and _alive(refiner.pid)
         assert os.getpriority(os.PRIO_PROCESS, refiner.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + REFINER_PROCESS_NICE)
+        assert os.sched_getscheduler(refiner.pid) == os.SCHED_IDLE
         with open(f"/proc/{refiner.pid}/environ", "rb") as environ:
             assert b"OPENBLAS_NUM_THREADS=1" in environ.read().split(b"\0")
         first = refiner.pid

@@ -105,3 +105,19 @@ def test_distorted_images_are_undistorted_with_the_camera_info_coefficients():
 def test_a_missing_map_fails_with_what_to_do(tmp_path):
     with pytest.raises(MapError):
         NodeRefinement(str(tmp_path / "missing.npz"))
+
+
+def test_the_last_verified_pose_carries_the_next_frames_while_it_is_fresh(room):
+    scene, path = room
+    stage = NodeRefinement(str(path), RefinementConfig(retrieval=False, tracking_max_gap_s=1.0))
+    stage.on_camera_info(camera_info())
+    rng = np.random.default_rng(2)
+    first, second = room_pose(-2.6, 0.5, 1.3, 4.0), room_pose(-2.55, 0.5, 1.3, 6.0)  # 5 cm and 2 deg apart
+    outcome = stage.refine(scene.render(first, ROOM_K, 320, 240)[0], 10.0, prediction_of(perturb_pose(first, 0.3, 5.0, rng)))
+    assert outcome.status == REFINED and outcome.result.source == "prior", outcome.reason
+    lost = prediction_of(room_pose(3.0, -2.0, 1.3, yaw_deg=180.0))  # the regressor jumps to the other side of the room
+    rgb = scene.render(second, ROOM_K, 320, 240)[0]
+    outcome = stage.refine(rgb, 10.1, lost)
+    assert outcome.status == REFINED and outcome.result.source == "tracking", outcome.reason
+    assert errors(outcome.prediction, second)[0] < 0.03
+    assert stage.refine(rgb, 11.5, lost).status == FALLBACK  # 1.4 s after the last verified pose: no track
