@@ -27,6 +27,10 @@ import threading
 import weakref
 from pathlib import Path
 
+import numpy as np
+
+from .scene_map import MapError
+
 # Process niceness added to the child: it yields the CPU to the regressor (and to other nodes). 19, the
 # lowest priority: at 10 the regressor kept 92 % of its rate at a 30 Hz camera on 2 cores, at 19 98 %.
 REFINER_PROCESS_NICE = 19
@@ -58,8 +62,11 @@ class RefinerProcess:
         threads: OpenCV threads of the child (None: ``REFINER_PROCESS_THREADS``; 0: OpenCV's default).
         idle: schedule the child as ``SCHED_IDLE`` (None: ``REFINER_PROCESS_IDLE``; Linux only, else ignored).
 
-    Raises (at construction): ValueError when the child cannot load the map or the config,
-    with the child's message.
+    ``map_info``: the map's first keyframe camera and size figures (:func:`map_info`), as the child
+    read them: the parent need not load the map too.
+
+    Raises (at construction): :class:`~.scene_map.MapError` when the child cannot load the map,
+    ValueError when it cannot take the config, with the child's message.
     """
 
     def __init__(self, map_file, config=None, nice: int | None = None, threads: int | None = None, idle: bool | None = None):
@@ -71,6 +78,7 @@ class RefinerProcess:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._finalizer = None
+        self.map_info: dict = {}
         self._start()
 
     @property
@@ -123,7 +131,9 @@ class RefinerProcess:
             answer = ("error", "RefinerProcessError", f"refinement process exited with code {self._process.wait()} while starting")
         if answer[0] != "ready":
             self._stop()
-            raise ValueError(f"refinement process for {self.map_file}: {answer[2]}")
+            error = MapError if answer[1] == "MapError" else ValueError  # a bad map is the map's fault, as in the parent
+            raise error(f"refinement process for {self.map_file}: {answer[2]}")
+        self.map_info = answer[1]
 
     def _stop(self) -> None:
         if self._finalizer is not None:
@@ -150,6 +160,12 @@ def _end(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def map_info(scene_map) -> dict:
+    """What the parent needs of the map without loading it again: its first keyframe's camera and its size figures."""
+    return {"intrinsics": np.array(scene_map.intrinsics[0]), "image_size": tuple(int(v) for v in scene_map.image_sizes[0]),
+            "summary": scene_map.summary()}
 
 
 def serve(map_file: str, nice: int, threads: int = 0, idle: bool = False) -> int:
@@ -185,7 +201,7 @@ def serve(map_file: str, nice: int, threads: int = 0, idle: bool = False) -> int
         answer(("error", type(err).__name__, str(err)))
         return 1
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pycolmap's glog installs a handler that dumps a stack
-    answer(("ready", None))
+    answer(("ready", map_info(refiner.map)))
     while True:
         try:
             request = pickle.load(requests)

@@ -16,7 +16,7 @@ import numpy as np
 from ..geometry import matrix_to_pose, pose_to_matrix
 from ..inference import PosePrediction
 from ..geometric.refiner import STATUS_FALLBACK, STATUS_REFINED, RefinementConfig, RefinementResult, Refiner
-from ..geometric.refiner_process import RefinerProcess
+from ..geometric.refiner_process import RefinerProcess, map_info
 from ..geometric.scene_map import SceneMap
 from ..geometric.tracking import Track
 from .camera_info import CameraInfoBuffer, CameraInfoError, CameraIntrinsics, intrinsics_mismatch
@@ -65,8 +65,13 @@ class NodeRefinement:
     def __init__(self, map_file: str, config: RefinementConfig | None = None, camera_infos: CameraInfoBuffer | None = None, warn=None,
                  separate_process: bool = False):
         """``separate_process``: the refiner runs in a niced child process (:class:`RefinerProcess`; the node's choice)."""
-        self.scene_map = SceneMap.load(map_file)  # MapError says what to do
-        self.refiner = RefinerProcess(map_file, config) if separate_process else Refiner(self.scene_map, config)
+        if separate_process:  # the child loads the map (MapError says what to do) and tells what the node needs of it
+            self.refiner = RefinerProcess(map_file, config)
+            info = self.refiner.map_info
+        else:
+            self.refiner = Refiner(SceneMap.load(map_file), config)
+            info = map_info(self.refiner.map)
+        self.map_K, self.map_image_size, self.map_summary = info["intrinsics"], info["image_size"], info["summary"]
         self.track = Track.for_config(config or RefinementConfig())  # the stream's last verified pose
         self.map_file = map_file
         self.camera_infos = camera_infos if camera_infos is not None else CameraInfoBuffer()
@@ -79,8 +84,7 @@ class NodeRefinement:
         if self._checked_intrinsics:
             return
         self._checked_intrinsics = True
-        reference_size = tuple(int(v) for v in self.scene_map.image_sizes[0])
-        problem = intrinsics_mismatch(intrinsics, self.scene_map.intrinsics[0], reference_size)
+        problem = intrinsics_mismatch(intrinsics, self.map_K, self.map_image_size)
         if problem:
             self._warn(f"{problem} (map {self.map_file}); refinement uses the live CameraInfo")
 

@@ -516,7 +516,7 @@ def load_refinement(reader: Reader, typestore, params: dict, image_connections: 
         raise UsageError(f"no CameraInfo on {topic}: the refinement needs the images' calibration")
     config = RefinementConfig.from_yaml(params["refine_config"]) if params["refine_config"] else None
     stage = NodeRefinement(params["map_file"], config, warn=log.warning)
-    log.info("refining against %s (%s) with the %d CameraInfo of %s", params["map_file"], stage.scene_map.summary(), count, topic)
+    log.info("refining against %s (%s) with the %d CameraInfo of %s", params["map_file"], stage.map_summary, count, topic)
     return BagRefinement(stage, BagCameraInfos(reader, connections, typestore, stage))
 
 

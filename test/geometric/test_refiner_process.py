@@ -7,6 +7,8 @@ import pytest
 from helpers import ROOM_K, room_map, room_pose
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose
 from ros2_posenet.geometric.refiner_process import RefinerProcess
+from ros2_posenet.geometric.scene_map import MapError
+from ros2_posenet.geometric.tracking import TrackedPrior
 
 CONFIG = RefinementConfig(retrieval=False)
 
@@ -73,8 +75,24 @@ def test_a_dead_process_is_replaced_and_a_dropped_one_ends(room):
     assert not _running(second)
 
 
-def test_a_map_the_child_cannot_load_is_a_value_error(tmp_path):
+def test_a_map_the_child_cannot_load_is_a_map_error(tmp_path):
     bad = tmp_path / "broken.npz"
     bad.write_bytes(b"not a map")
-    with pytest.raises(ValueError, match="broken.npz"):
+    with pytest.raises(MapError, match="broken.npz"):
         RefinerProcess(bad, CONFIG)
+
+
+def test_the_child_tells_the_map_camera_and_takes_a_tracked_prior(room):
+    scene, scene_map, path = room
+    rgb, _ = _frame(scene)
+    process = RefinerProcess(path, CONFIG)
+    try:
+        np.testing.assert_array_equal(process.map_info["intrinsics"], scene_map.intrinsics[0])
+        assert process.map_info["image_size"] == (320, 240) and process.map_info["summary"] == scene_map.summary()
+        far, wide = room_pose(3.0, -2.0, 1.3, yaw_deg=180.0), np.diag([1.0] * 3 + [0.5] * 3)
+        T_last = room_pose(-2.65, 0.5, 1.3, 6.0)  # verified a moment ago, 5 cm and 2 degrees back
+        tracked = TrackedPrior(T_last, np.diag([0.15**2] * 3 + [np.radians(9.0) ** 2] * 3), 0.1)
+        assert process.refine(rgb, ROOM_K, far, wide).status == "fallback"
+        assert process.refine(rgb, ROOM_K, far, wide, tracked).source == "tracking"
+    finally:
+        process.close()

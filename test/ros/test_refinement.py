@@ -121,3 +121,23 @@ def test_the_last_verified_pose_carries_the_next_frames_while_it_is_fresh(room):
     assert outcome.status == REFINED and outcome.result.source == "tracking", outcome.reason
     assert errors(outcome.prediction, second)[0] < 0.03
     assert stage.refine(rgb, 11.5, lost).status == FALLBACK  # 1.4 s after the last verified pose: no track
+
+
+def test_with_a_refiner_process_the_node_does_not_load_the_map_itself(room, monkeypatch):
+    scene, path = room
+    from ros2_posenet.geometric.scene_map import SceneMap
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the parent loaded the map")
+
+    monkeypatch.setattr(SceneMap, "load", not_here)  # the child is a new interpreter: not patched
+    stage = NodeRefinement(str(path), RefinementConfig(retrieval=False), separate_process=True)
+    try:
+        stage.on_camera_info(camera_info())
+        T_true = room_pose(-2.6, 0.5, 1.3, 8.0)
+        prior = prediction_of(perturb_pose(T_true, 0.3, 5.0, np.random.default_rng(4)))
+        outcome = stage.refine(scene.render(T_true, ROOM_K, 320, 240)[0], 5.0, prior)
+        assert outcome.status == REFINED and errors(outcome.prediction, T_true)[0] < 0.03
+        assert stage.map_summary["keyframes"] == 18 and stage.map_image_size == (320, 240)
+    finally:
+        stage.refiner.close()
