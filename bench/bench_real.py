@@ -37,13 +37,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_refine import cached_map, errors, print_maps, summarize, test_frames  # noqa: E402
+from ros2_posenet.config_base import key_value  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
 from ros2_posenet.geometric.map_builder import map_feature_config, open_dataset  # noqa: E402
 from ros2_posenet.tools.build_map import build_parser as build_map_parser  # noqa: E402
@@ -75,9 +75,7 @@ def refinement_config(args) -> RefinementConfig:
     fields = RefinementConfig().to_dict()
     if args.refine_config:
         fields.update(RefinementConfig.from_yaml(args.refine_config).to_dict())
-    for item in args.set:
-        key, _, value = item.partition("=")
-        fields[key] = yaml.safe_load(value)
+    fields.update(key_value(item) for item in args.set)
     return RefinementConfig.from_dict(fields)
 
 

@@ -11,9 +11,11 @@ hint for a misspelt key.
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from typing import Any, Mapping
 
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 
@@ -25,6 +27,44 @@ def did_you_mean(key: str, options, prefix: str = "") -> str:
     """`` (did you mean '<prefix><closest option>'?)``, or the known options when none is close."""
     close = difflib.get_close_matches(key, [str(o) for o in options], n=1)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(map(str, options)))})"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    """YAML as the configs read it: safe, and ``1e-4`` is a float."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def key_value(item: str) -> tuple[str, Any]:
+    """One ``key=value`` command-line setting, the value read by :func:`parse_yaml` ("" when empty).
+
+    Raises:
+        ConfigError: not ``key=value``, or a value that is not YAML.
+    """
+    key, sep, raw = item.partition("=")
+    if not (sep and key):
+        raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+    try:
+        return key, parse_yaml(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{item!r}: the value is not YAML ({getattr(err, 'problem', None) or err})") from None
 
 
 class StrictModel(BaseModel):

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .baselines import MeanPoseBaseline, NearestNeighbourBaseline
 from .checkpoint import CheckpointError
+from .config_base import ConfigError, key_value
 from .covariance import REPORT_LEVELS, UNCERTAINTY_METHODS, block_nees, calibration_metrics, pose_residuals
 from .geometric.refiner import RefinementConfig, Refiner
 from .geometric.retrieval import tiny_image_descriptor
@@ -357,14 +358,13 @@ def write_results(results: list[dict], out_dir: str | Path) -> dict[str, Path]:
 
 def parse_options(items: list[str]) -> dict:
     """``["key=value", ...]`` -> dict, values read as YAML scalars (numbers, booleans, strings)."""
-    import yaml
-
     options = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--data-option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value) if value else ""
+        try:
+            key, value = key_value(item)
+        except ConfigError as err:
+            raise ValueError(f"--data-option: {err}") from None
+        options[key] = value
     return options
 
 

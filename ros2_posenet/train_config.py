@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .config_base import ConfigError, StrictModel, did_you_mean
+from .config_base import ConfigError, StrictModel, did_you_mean, parse_yaml
 from .covariance import UNCERTAINTY_METHODS
 from .data.augment import Augmentation
 from .data.split import VAL_SPLITS
@@ -244,28 +243,6 @@ class TrainConfig(StrictModel):
             raise ValueError("train.refit needs data.val: holdout (it refits on the frames validation held out), "
                              f"got {self.data.val!r}")
         return self
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str):
-    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _find_stage(stages: list, part: str, where: str) -> dict:

@@ -4,7 +4,7 @@ from typing import Literal
 import pytest
 from pydantic import Field, field_validator, model_validator
 
-from ros2_posenet.config_base import ConfigError, StrictModel, did_you_mean
+from ros2_posenet.config_base import ConfigError, StrictModel, did_you_mean, key_value
 
 
 class Item(StrictModel):
@@ -70,3 +70,16 @@ def test_round_trip_and_validated_replace():
 def test_did_you_mean_lists_the_options_when_none_is_close():
     assert did_you_mean("epoch", ["epochs", "seed"], "train.") == " (did you mean 'train.epochs'?)"
     assert did_you_mean("zzz", ["b", "a"]) == " (known: a, b)"
+
+
+def test_a_command_line_setting_reads_its_value_as_the_configs_do():
+    assert key_value("max_range_uncertainty=1e-2") == ("max_range_uncertainty", 0.01)  # a float, as in a YAML config
+    assert key_value("guided_matching=false") == ("guided_matching", False)
+    assert key_value("split_file=queries.txt") == ("split_file", "queries.txt")
+    assert key_value("name=") == ("name", "")
+    for malformed in ("min_track_length", "=3"):
+        with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+            key_value(malformed)
+    with pytest.raises(ConfigError, match="not YAML") as err:  # not a yaml.YAMLError traceback
+        key_value("pairs=[1, 2")
+    assert "\n" not in str(err.value)

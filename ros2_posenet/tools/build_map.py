@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config_base import ConfigError, key_value
 from ..geometric.features import FEATURE_TYPES, FeatureConfig
 from ..geometric.map_builder import (
     CALIBRATION_SPLITS, POINT_CHOICES, SOURCE_FEATURES, build_scene_map, calibrate_held_out, default_point_source,
@@ -133,13 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setting(item: str) -> tuple[str, object]:
-    """One ``KEY=VALUE`` argument, the value read as YAML (argparse reports a malformed one)."""
-    import yaml
-
-    key, sep, value = item.partition("=")
-    if not (sep and key):
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-    return key, yaml.safe_load(value)
+    """One ``KEY=VALUE`` argument (:func:`~ros2_posenet.config_base.key_value`; argparse reports a malformed one)."""
+    try:
+        return key_value(item)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def describe_calibration(calibration: dict) -> str:
