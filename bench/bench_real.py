@@ -158,9 +158,7 @@ def run_with_priors(refiner: Refiner, frames, priors: np.ndarray, covariances: n
     stamps = replay_stamps([""] * len(frames), stream_rate) if track else np.zeros(len(frames))
     for (rgb, K, T_true), prior, prior_cov, stamp in zip(frames, priors, covariances, stamps):
         cpu = time.process_time()
-        result = refiner.refine(rgb, K, prior, prior_cov, track.prior(stamp) if track else None)
-        if track and result.refined:
-            track.update(stamp, result.T, result.covariance)
+        result = track.refine(refiner, stamp, rgb, K, prior, prior_cov) if track else refiner.refine(rgb, K, prior, prior_cov)
         cpu_ms = (time.process_time() - cpu) * 1e3
         out_err, prior_err = errors(result.T, T_true), errors(prior, T_true)
         rows.append({"refined": result.refined, "source": result.source, "failure": result.failure,

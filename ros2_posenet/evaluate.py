@@ -203,7 +203,11 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
     refiner = Refiner(scene_map, config)
     base, indices = unwrap_subset(dataset)
     track = Track.for_config(refiner.config) if stream_rate_hz else None
-    stamps = replay_stamps([_sequence_name(base, i) for i in indices], stream_rate_hz) if track else None
+    if track:
+        from .train import sequence_ids  # the training split's reading of a frame's sequence
+
+        sequences = sequence_ids(base)
+        stamps = replay_stamps([sequences[i] for i in indices], stream_rate_hz)
     prior_covariance = np.asarray(prior_covariance, dtype=float)
     if prior_covariance.shape == (6, 6):
         prior_covariance = np.broadcast_to(prior_covariance, (len(indices), 6, 6))
@@ -213,11 +217,11 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
     for k, i in enumerate(tqdm(indices, desc="refine", leave=False, disable=not progress)):
         rgb, K = base.load_image(i), base.intrinsics(i)
         prior = pose_to_matrix(prior_t[k].double().numpy(), prior_q[k].double().numpy())
-        tracked = track.prior(stamps[k]) if track else None
-        for name, args in ((METHOD_REFINED, (prior, prior_covariance[k], tracked)), (METHOD_RETRIEVAL_REFINED, (None, None))):
-            result = refiner.refine(rgb, K, *args)
-            if track and name == METHOD_REFINED and result.refined:
-                track.update(stamps[k], result.T, result.covariance)
+        for name, args in ((METHOD_REFINED, (prior, prior_covariance[k])), (METHOD_RETRIEVAL_REFINED, (None, None))):
+            if track and name == METHOD_REFINED:
+                result = track.refine(refiner, stamps[k], rgb, K, *args)
+            else:
+                result = refiner.refine(rgb, K, *args)
             poses[name].append(np.concatenate(matrix_to_pose(result.T)))
             stats[name]["ms"].append(result.timing_ms["total"])
             stats[name]["refined"].append(result.refined)
@@ -236,11 +240,6 @@ def refinement_predictions(scene_map, dataset, prior_t: torch.Tensor, prior_q: t
         for name, s in stats.items()
     }
     return predictions, extras, torch.as_tensor(np.array(published_covariance), dtype=torch.float64)
-
-
-def _sequence_name(base, i: int) -> str:
-    """The folder of frame ``i``'s image (7-Scenes: its sequence), "" when the loader keeps no path."""
-    return str(Path(record_field(base.samples[i], "image_path")).parent) if _has_field(base.samples[i], "image_path") else ""
 
 
 def write_scene_outputs(out_dir: Path, result: dict, dataset, pred: dict, per_method: dict, errors: dict, plots: bool) -> dict:

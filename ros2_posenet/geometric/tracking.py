@@ -63,6 +63,14 @@ class Track:
             return
         self._last = (np.array(T, np.float64), np.array(covariance, np.float64), float(stamp_s))
 
+    def refine(self, refiner, stamp_s: float, rgb: np.ndarray, K: np.ndarray, prior_T=None, prior_covariance=None):
+        """``refiner.refine`` (a :class:`~.refiner.Refiner` or :class:`~.refiner_process.RefinerProcess`) of the
+        frame at ``stamp_s`` with this track's prior; a refined pose becomes the track's."""
+        result = refiner.refine(rgb, K, prior_T, prior_covariance, self.prior(stamp_s))
+        if result.refined:
+            self.update(stamp_s, result.T, result.covariance)
+        return result
+
     def reset(self) -> None:
         """Forget the track (a new map, a new trajectory, a pose set by hand)."""
         self._last = None

@@ -107,11 +107,10 @@ class NodeRefinement:
         except CameraInfoError as err:
             return RefinementOutcome(prediction, NO_CAMERA_INFO, str(err))
         prior_T = pose_to_matrix(prediction.position, prediction.quaternion)
-        result = self.refiner.refine(self._undistort(rgb, intrinsics), intrinsics.K, prior_T, prediction.covariance,
-                                     self.track.prior(stamp_seconds))
+        result = self.track.refine(self.refiner, stamp_seconds, self._undistort(rgb, intrinsics), intrinsics.K, prior_T,
+                                   prediction.covariance)
         if not result.refined:
             return RefinementOutcome(prediction, FALLBACK, result.reason, result)
-        self.track.update(stamp_seconds, result.T, result.covariance)
         position, quaternion = matrix_to_pose(result.T)
         refined = PosePrediction(position=position, quaternion=quaternion, covariance=np.asarray(result.covariance, dtype=float))
         return RefinementOutcome(refined, REFINED, result.reason, result)
