@@ -25,7 +25,7 @@ A data set that is absent is skipped with a line saying so. Per map it prints: r
 median position / rotation over all frames and over the refined ones, p90, refined frames
 worse than their prior, fallbacks by ``RefinementResult.failure``, median inliers and ms per
 frame by part (features / matching / pose / total, wall; CPU time of the process in brackets).
-Maps are cached under ``--work`` (delete it after changing the map code).
+Maps are cached under ``--work``, triangulated ones per triangulation defaults (delete it after changing other map code).
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def bench_hololens(args, config: RefinementConfig) -> None:
         tag = (f"f{features.max_features}_s{features.max_image_size}_c{features.contrast_threshold:g}"
                f"_d{args.min_distance:g}_a{args.min_angle:g}{suffix}")
         name = f"{points} ({tag})"
-        maps[name], figures[name] = cached_map(args.work / f"hololens_{points}_{tag}.npz", HOLOLENS, features, points,
+        maps[name], figures[name] = cached_map(args.work / f"hololens_{points}_{tag}{map_code_tag(points)}.npz", HOLOLENS, features, points,
                                                calibrate_frames=args.calibrate, spacing=spacing, allowed=allowed)
         if priors is None:  # the same priors as bench_refine.run draws
             rng, cov = np.random.default_rng(0), np.diag([args.prior_m**2] * 3 + [np.radians(args.prior_deg) ** 2] * 3)
@@ -118,6 +118,19 @@ def bench_hololens(args, config: RefinementConfig) -> None:
             results[name] = run_with_priors(Refiner(maps[name], config), frames, *priors, args.stream_rate)
     print_maps(figures)
     print_results(f"hololens-office {args.split} split ({len(frames)} frames), {what}", results)
+
+
+def map_code_tag(points: str) -> str:
+    """A cache-name part that changes with the triangulation's defaults, so a cached map built before they changed
+    is not reused (depth maps have no such settings)."""
+    if points != "triangulation":
+        return ""
+    import hashlib
+    import json
+
+    from ros2_posenet.geometric.triangulation import TriangulationConfig
+
+    return "_t" + hashlib.sha1(json.dumps(TriangulationConfig().to_dict(), sort_keys=True).encode()).hexdigest()[:6]
 
 
 def regressor_priors(args, split: str, indices) -> tuple[np.ndarray, np.ndarray]:

@@ -132,6 +132,12 @@ class RefinementConfig(GeometricSettings):
         retrieval_confirms: the same with keyframes retrieved by appearance
             (``source = 'retrieval'``, ``retrieval_min_inliers``), tried when the
             neighbourhood did not confirm. Both off: every gated pose is a fallback.
+        confirm_few_inliers: a pose with at least ``min_inliers`` but fewer than
+            ``retrieval_min_inliers`` inliers, where only those would do (retrieval, a wide
+            prior), is accepted when an independent set of keyframes gives the same pose
+            (the other attempt's, else the ``keyframes`` keyframes around it; agreement
+            within ``gate_sigma``): chance poses of 26-38 inliers exist on real data, two
+            that agree do not (bench/RESULTS.md).
         covariance_scale: factor on the geometric covariance instead of the map's calibration
             (no floor); 0 = the map's calibrated model (the unit covariance without one).
         min_position_std, min_rotation_std_deg: floors of the reported standard deviations.
@@ -176,6 +182,7 @@ class RefinementConfig(GeometricSettings):
     retrieval_min_inliers: _PoseInliers = 50
     neighbourhood_confirms: bool = True
     retrieval_confirms: bool = True
+    confirm_few_inliers: bool = True
     covariance_scale: float = Field(0.0, ge=0)
     min_position_std: float = Field(0.002, ge=0)
     min_rotation_std_deg: float = Field(0.05, ge=0)
@@ -334,17 +341,24 @@ class Refiner:
         attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
             source, keyframes, query, K, size, prior_T, prior_covariance, timing, tried, previous, attempts)
         followed = self._follow(tracked, query, K, size, timing, tried, attempts)
+        outcomes = [followed]
         if followed is not None and followed["ok"]:
             outcome = followed
         elif prior_T is not None:
             outcome = attempt("prior", self.map.nearest_keyframes(
                 prior_T, cfg.keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg), previous=followed)
+            outcomes.append(outcome)
             if outcome.get("gated") and not outcome.get("capped"):
                 outcome = self._confirm_refused(outcome, attempt, retrieve, tried)
             elif cfg.retrieval and not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION:
                 outcome = attempt("retrieval", retrieve(), previous=outcome)
+                outcomes.append(outcome)
         else:
             outcome = attempt("retrieval", retrieve())
+            outcomes.append(outcome)
+        candidates = [o for o in outcomes if o is not None and o.get("unvouched") is not None]
+        if not outcome["ok"] and not outcome.get("gated") and candidates:
+            outcome = self._confirm_candidates(candidates, outcome, attempt, tried, K, size)
         timing["total"] = (time.perf_counter() - start) * 1e3
         return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
 
@@ -467,7 +481,9 @@ class Refiner:
                 T, inliers, p2d, p3d, n_in = T2, inliers2, g2d, g3d, int(inliers2.sum())
                 outcome["matches"], outcome["guided"] = len(p2d), True
         outcome["inliers"] = n_in
-        if T is None or n_in < min_inliers or n_in < cfg.min_inlier_ratio * max(1, len(p2d)):
+        # Between min_inliers and what this source needs: kept as a candidate that other keyframes may confirm.
+        unvouched = cfg.confirm_few_inliers and T is not None and cfg.min_inliers <= n_in < min_inliers
+        if T is None or (n_in < min_inliers and not unvouched) or n_in < cfg.min_inlier_ratio * max(1, len(p2d)):
             timing["pose"] += (time.perf_counter() - t0) * 1e3
             what = {"prior": "keyframes near the prior", "tracking": "keyframes near the last verified pose",
                     "neighbourhood": "keyframes around the refused pose",
@@ -479,7 +495,9 @@ class Refiner:
             if previous is not None:
                 outcome["reason"] = previous["reason"] + "; " + outcome["reason"]
             return outcome
-        calibration = self._check_focal(p2d, p3d, K, size, outcome)
+        # An unconfirmed candidate's focal length is checked only if it is confirmed: a chance pose's would
+        # mislead the recent frames' history.
+        calibration = "" if unvouched else self._check_focal(p2d, p3d, K, size, outcome)
         timing["pose"] += (time.perf_counter() - t0) * 1e3
         if calibration:
             outcome.update(reason=calibration, failure=FAILURE_CALIBRATION)
@@ -489,12 +507,17 @@ class Refiner:
         timing["pose"] += (time.perf_counter() - t0) * 1e3
         outcome.update(T=T, covariance=covariance, ok=True,
                        reason=f"{n_in} inliers of {len(p2d)} matches from {len(keyframes)} {source} keyframes")
+        if unvouched:
+            outcome.update(ok=False, unvouched=(p2d, p3d), failure=FAILURE_TOO_FEW_INLIERS,
+                           reason=outcome["reason"] + f" (fewer than {min_inliers}: other keyframes must give the same pose)")
         if prior_T is not None:
             delta = pose_difference(T, prior_T)
-            outcome["correction"] = (float(np.linalg.norm(delta[:3])), float(np.degrees(np.linalg.norm(delta[3:]))))
+            outcome["correction"] = _correction(delta)
             if source in ("prior", "tracking"):
                 gate, capped = self._gate(delta, covariance, prior_cov)
-                if gate:
+                if gate and unvouched:  # too few inliers and off the prior: nothing to confirm
+                    outcome.update(unvouched=None, reason=f"{outcome['reason']}; {gate}")
+                elif gate:
                     outcome.update(ok=False, gated=True, capped=capped, reason=gate,
                                    failure=FAILURE_MAX_CORRECTION if capped else FAILURE_GATE)
             else:
@@ -551,12 +574,43 @@ class Refiner:
             if not other["ok"]:
                 notes.append(f"{what} did not confirm it ({other['reason']})")
                 continue
-            delta = pose_difference(other["T"], gated["T"])
-            total = other["covariance"] + gated["covariance"]
-            if max(mahalanobis(delta[:3], total[:3, :3]), mahalanobis(delta[3:], total[3:, 3:])) <= cfg.gate_sigma:
+            if self._agree(other, gated):
                 return {**other, "reason": f"{other['reason']}; confirms the pose the gate refused: {gated['reason']}"}
-            notes.append(f"{what} gave another pose, {np.linalg.norm(delta[:3]):.2f} m away")
+            notes.append(f"{what} gave another pose, {np.linalg.norm(pose_difference(other['T'], gated['T'])[:3]):.2f} m away")
         return {**gated, "reason": "; ".join([gated["reason"], *notes])}
+
+    def _confirm_candidates(self, candidates: list[dict], failed: dict, attempt, tried: list[int], K, size) -> dict:
+        """Accept a pose of fewer inliers than its source needs when independent keyframes give the same pose.
+
+        First two candidates from different keyframes that agree; else the keyframes around the
+        best candidate (none tried yet). A confirmed pose still passes the focal-length check.
+        """
+        candidates = sorted(candidates, key=lambda o: -o["inliers"])
+        best, confirmed, how = candidates[0], None, ""
+        for other in candidates[1:]:
+            if not set(other["keyframes"]) & set(best["keyframes"]) and self._agree(best, other):
+                confirmed, how = other, f"the {other['source']} keyframes give the same pose ({other['reason']})"
+                break
+        if confirmed is None and self.config.neighbourhood_confirms:
+            around = attempt("neighbourhood", self._around(best["T"], tried))
+            if (around["ok"] or around.get("unvouched") is not None) and self._agree(best, around):
+                confirmed, how = around, f"the keyframes around it give the same pose ({around['reason']})"
+            else:
+                return {**failed, "reason": failed["reason"] + f"; the keyframes around the best pose did not confirm it "
+                                                               f"({around['reason']})"}
+        if confirmed is None:
+            return failed
+        chosen = max((best, confirmed), key=lambda o: o["inliers"])
+        calibration = "" if chosen["ok"] else self._check_focal(*chosen["unvouched"], K, size, chosen)
+        if calibration:
+            return {**chosen, "ok": False, "reason": calibration, "failure": FAILURE_CALIBRATION}
+        return {**chosen, "ok": True, "failure": "", "reason": f"{best['reason']}; {how}"}
+
+    def _agree(self, a: dict, b: dict) -> bool:
+        """Whether two poses are the same within ``gate_sigma`` of their summed covariances."""
+        delta = pose_difference(a["T"], b["T"])
+        total = a["covariance"] + b["covariance"]
+        return max(mahalanobis(delta[:3], total[:3, :3]), mahalanobis(delta[3:], total[3:, 3:])) <= self.config.gate_sigma
 
     def _around(self, T: np.ndarray, exclude: list[int]) -> np.ndarray:
         """The ``keyframes`` keyframes nearest to ``T`` that are not in ``exclude`` (an independent set)."""
@@ -592,9 +646,11 @@ class Refiner:
         return 0.5 * (cov + cov.T)
 
     def _result(self, outcome, prior_T, prior_cov, timing, tried, attempts) -> RefinementResult:
+        correction = outcome.get("correction", (float("nan"), float("nan")))
+        if outcome["ok"]:  # against the caller's prior: a tracked pose's attempt measured it against the track
+            correction = _correction(pose_difference(outcome["T"], prior_T)) if prior_T is not None else (float("nan"),) * 2
         common = dict(inliers=outcome["inliers"], matches=outcome["matches"], keyframes_used=list(dict.fromkeys(tried)),
-                      source=outcome["source"], timing_ms=timing, attempts=attempts,
-                      correction=outcome.get("correction", (float("nan"), float("nan"))),
+                      source=outcome["source"], timing_ms=timing, attempts=attempts, correction=correction,
                       focal_ratio=float(outcome.get("focal_ratio", float("nan"))))
         if outcome["ok"]:
             return RefinementResult(STATUS_REFINED, outcome["reason"], outcome["T"], outcome["covariance"], **common)
@@ -615,6 +671,11 @@ class _Query:
     keypoints: np.ndarray
     descriptors: np.ndarray
     matches: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def _correction(delta: np.ndarray) -> tuple[float, float]:
+    """Metres and degrees of a :func:`pose_difference`."""
+    return float(np.linalg.norm(delta[:3])), float(np.degrees(np.linalg.norm(delta[3:])))
 
 
 def _untried(ranked: np.ndarray, exclude: list[int], k: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from ros2_posenet.geometric.scene_map import SceneMap
 
 K = ROOM_K
 PRIOR_COV = np.diag([0.3**2] * 3 + [np.radians(10.0) ** 2] * 3)
+WIDE = np.diag([1.7**2] * 3 + [np.radians(48.0) ** 2] * 3)  # a regressor's on hololens-office
 TRUTHS = [room_pose(-3.3, 0.4, 1.3, -15.0), room_pose(-2.6, 0.6, 1.3, 0.0), room_pose(-2.0, 0.5, 1.3, 20.0)]
 
 
@@ -178,13 +179,39 @@ def test_a_prior_too_wide_for_the_gate_needs_as_many_inliers_as_retrieval(room):
     or measured on the narrow prior too (both fall back)."""
     scene, scene_map, images = room
     prior = perturb_pose(TRUTHS[1], 0.3, 10.0, np.random.default_rng(8))
-    settings = RefinementConfig(retrieval=False, retrieval_min_inliers=5000)
-    wide = np.diag([1.7**2] * 3 + [np.radians(48.0) ** 2] * 3)
-    refused = Refiner(scene_map, settings).refine(images[1], K, prior, wide)
+    settings = RefinementConfig(retrieval=False, retrieval_min_inliers=5000, confirm_few_inliers=False)
+    refused = Refiner(scene_map, settings).refine(images[1], K, prior, WIDE)
     assert refused.status == "fallback" and refused.failure == FAILURE_TOO_FEW_INLIERS, refused.reason
     assert "need 5000" in refused.reason and "too wide for the gate" in refused.reason and refused.inliers >= 30
     narrow = Refiner(scene_map, settings).refine(images[1], K, prior, PRIOR_COV)
     assert narrow.refined and narrow.source == "prior", narrow.reason
+
+
+def test_a_wide_priors_pose_of_few_inliers_is_accepted_when_the_keyframes_around_it_agree(room):
+    """Between ``min_inliers`` and ``retrieval_min_inliers``, a pose the wide prior cannot vouch for is accepted
+    when keyframes that did not make it give the same pose. Mutation: no confirmation (falls back), or the
+    confirming attempt's keyframes overlapping those that made the pose."""
+    scene, scene_map, images = room
+    prior = perturb_pose(TRUTHS[1], 0.3, 10.0, np.random.default_rng(8))
+    result = Refiner(scene_map, RefinementConfig(retrieval=False, retrieval_min_inliers=5000)).refine(images[1], K, prior, WIDE)
+    assert result.refined and result.source in ("prior", "neighbourhood"), result.reason
+    assert "the keyframes around it give the same pose" in result.reason
+    assert np.linalg.norm(pose_difference(result.T, TRUTHS[1])[:3]) < 0.02
+    (first, made), (second, around) = result.attempts
+    assert (first, second) == ("prior", "neighbourhood") and not set(made) & set(around)
+
+
+def test_a_wide_priors_pose_from_a_misregistered_part_of_the_map_is_not_confirmed(room):
+    """Keyframes whose points sit 0.4 m off give a consistent but wrong pose of few inliers; the keyframes
+    around it, correct, give another pose: the frame falls back. Mutation: agreement not checked."""
+    scene, scene_map, images = room
+    settings = RefinementConfig(retrieval=False, retrieval_min_inliers=5000)
+    near = scene_map.nearest_keyframes(TRUTHS[1], settings.keyframes, settings.metres_per_radian, settings.max_keyframe_angle_deg)
+    shifted = [p + np.float32([0.4, 0.0, 0.0]) if i in near else p for i, p in enumerate(scene_map.points3d)]
+    result = Refiner(replace(scene_map, points3d=shifted), settings).refine(images[1], K, TRUTHS[1], WIDE)
+    assert result.status == "fallback" and result.failure == FAILURE_TOO_FEW_INLIERS, result.reason
+    assert "other keyframes must give the same pose" in result.reason and "did not confirm it" in result.reason
+    np.testing.assert_array_equal(result.T, TRUTHS[1])
 
 
 def test_retrieval_tries_the_candidates_that_match_the_image_best(room):

@@ -82,6 +82,8 @@ def test_a_tracked_prior_refines_a_frame_the_regressor_prior_cannot(room):
     assert result.status == "refined" and result.source == "tracking", result.reason
     assert error_m(result.T, T_true) < 0.02
     assert result.attempts[0][0] == "tracking"
+    # The correction is the regressor's error (what a user reads it for), not the 8 cm from the track.
+    assert result.correction[0] == pytest.approx(error_m(wrong, T_true), abs=0.02)
 
 
 def test_a_lost_track_costs_one_attempt_and_the_regressor_prior_decides(room):
