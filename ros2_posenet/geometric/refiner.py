@@ -287,9 +287,14 @@ def _check_inputs(rgb, K, prior_T, prior_covariance):
 
 
 class Refiner:
-    """Refines pose priors against one :class:`SceneMap` (thread-safe; its one state is the recent focal ratios, :class:`FocalHistory`)."""
+    """Refines pose priors against one :class:`SceneMap` (thread-safe; its one state is the recent focal ratios, :class:`FocalHistory`).
 
-    def __init__(self, scene_map: SceneMap, config: RefinementConfig | None = None):
+    ``prepare``: learn what retrieval needs (the map's bag of visual words, ~10 s on 2 cores for a
+    1000-keyframe map) now rather than in the first frame that retrieves; False leaves it to
+    :meth:`prepare_retrieval` (the node's refiner process: it reports ready first).
+    """
+
+    def __init__(self, scene_map: SceneMap, config: RefinementConfig | None = None, prepare: bool = True):
         self.map = scene_map
         self.config = config or RefinementConfig()
         require_solver(self.config.solver)
@@ -297,14 +302,19 @@ class Refiner:
         self._focal_check = bool(self.config.max_focal_error)
         self._focal_history = FocalHistory()
         self._query_features = query_feature_config(scene_map.feature_config, self.config.query_max_image_size)
-        if self.config.retrieval and self.map.num_points >= 2:
-            self.map.visual_words  # noqa: B018 - learned now (seconds on a large map), not by the first frame that needs it
+        if prepare:
+            self.prepare_retrieval()
         if self._focal_check and self.config.solver != "pycolmap":
             try:
                 import pycolmap  # noqa: F401 - the focal check's P4Pf solver
             except ImportError:
                 log.warning("max_focal_error: pycolmap is not installed, the camera's focal length is not checked")
                 self._focal_check = False
+
+    def prepare_retrieval(self) -> None:
+        """Learn the map's bag of visual words now if retrieval will need it (once per map)."""
+        if self.config.retrieval and self.map.num_points >= 2:
+            self.map.visual_words  # noqa: B018 - a cached property: learned here, not by the first frame that retrieves
 
     def refine(self, rgb: np.ndarray, K: np.ndarray, prior_T: np.ndarray | None = None,
                prior_covariance: np.ndarray | None = None, tracked: TrackedPrior | None = None) -> RefinementResult:

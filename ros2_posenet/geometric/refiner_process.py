@@ -42,7 +42,6 @@ REFINER_PROCESS_THREADS = 1
 # as idle, so a woken regressor (or camera driver) thread is placed on it and preempts the refiner at once,
 # instead of queueing behind it or beside the regressor on the other core (a niced task still takes its turn).
 REFINER_PROCESS_IDLE = True
-START_TIMEOUT_S = 120.0
 # numpy's OpenBLAS threads busy-wait: on a loaded 2-core machine two of them made the matching
 # products 10x slower than one (bench/RESULTS.md); the refiner's products are small anyway.
 CHILD_ENVIRONMENT = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -194,7 +193,8 @@ def serve(map_file: str, nice: int, threads: int = 0, idle: bool = False) -> int
             import cv2
 
             cv2.setNumThreads(threads)
-        refiner = Refiner(SceneMap.load(map_file), None if config_dict is None else RefinementConfig.from_dict(config_dict))
+        refiner = Refiner(SceneMap.load(map_file), None if config_dict is None else RefinementConfig.from_dict(config_dict),
+                          prepare=False)
     except EOFError:
         return 0
     except Exception as err:  # reported to the parent, which raises it
@@ -202,6 +202,8 @@ def serve(map_file: str, nice: int, threads: int = 0, idle: bool = False) -> int
         return 1
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pycolmap's glog installs a handler that dumps a stack
     answer(("ready", map_info(refiner.map)))
+    # After "ready": the node starts (or switches maps) without waiting for the vocabulary; its first frame does.
+    refiner.prepare_retrieval()
     while True:
         try:
             request = pickle.load(requests)

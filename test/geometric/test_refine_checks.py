@@ -299,3 +299,18 @@ def test_guided_matching_from_a_pose_that_sees_no_keyframe_finds_nothing_instead
     timing = {"matching": 0.0}
     p2d, p3d = refiner._guided_correspondences(T_away, K, (320, 240), none, _Query(keypoints, descriptors), timing)
     assert len(none) == 0 and p2d.shape == (0, 2) and p3d.shape == (0, 3)
+
+
+def test_the_vocabulary_is_learned_at_construction_unless_left_to_prepare_retrieval(room):
+    """The node's refiner process reports ready before learning it (seconds on a large map); then learns it before
+    its first frame. Mutation: ``prepare`` ignored either way."""
+    scene, scene_map, images = room
+    eager_map, lazy_map = replace(scene_map), replace(scene_map)  # copies without the cached vocabulary
+    Refiner(eager_map, RefinementConfig())
+    assert "visual_words" in vars(eager_map)
+    lazy = Refiner(lazy_map, RefinementConfig(), prepare=False)
+    assert "visual_words" not in vars(lazy_map)
+    lazy.prepare_retrieval()
+    np.testing.assert_array_equal(vars(lazy_map)["visual_words"].vectors, vars(eager_map)["visual_words"].vectors)
+    Refiner(without := replace(scene_map), RefinementConfig(retrieval=False))
+    assert "visual_words" not in vars(without)  # nothing to learn without retrieval
