@@ -104,7 +104,8 @@ def replay_through_node(checkpoint: str, kind: str, scene_dir: Path, rate_hz: fl
         ticks = max(1, len(dataset) // 10)
         result = replay_images(
             [node], images, "/demo/camera/image_raw", node.resolve_topic_name("posenet/camera_pose"),
-            rate_hz=rate_hz, timeout_s=30.0,
+            # 60 s: with a map the first frame also waits for the map's vocabulary (~10 s here, more on a slow machine).
+            rate_hz=rate_hz, timeout_s=60.0,
             on_progress=lambda i: (i + 1) % ticks == 0 and say(f"  replayed {i + 1}/{len(dataset)}"),
             intrinsics=(dataset.intrinsics(i) for i in range(len(dataset))) if map_file else None,
             camera_info_topic="/demo/camera/camera_info" if map_file else None,
