@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_real.py                                   # both data sets, default maps
     .venv/bin/python bench/bench_real.py --datasets hololens --maps depth --set keyframes=6
+    .venv/bin/python bench/bench_real.py --datasets hololens --maps depth --split validation --recall --vocabulary 1024:30000
 
 * ``hololens``: ``../shared/data/hololens-office`` (7-Scenes layout, 540x360 JPEG, depth
   registered to colour). Maps of its training split (``depth``: points from depth;
@@ -48,6 +49,7 @@ from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
 from ros2_posenet.geometric.map_builder import map_feature_config, open_dataset  # noqa: E402
 from ros2_posenet.tools.build_map import build_parser as build_map_parser  # noqa: E402
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose  # noqa: E402
+from ros2_posenet.geometric.retrieval import VisualWords  # noqa: E402
 from ros2_posenet.geometric.tracking import Track, replay_stamps  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
@@ -109,6 +111,16 @@ def bench_hololens(args, config: RefinementConfig) -> None:
         name = f"{points} ({tag})"
         maps[name], figures[name] = cached_map(args.work / f"hololens_{points}_{tag}{map_code_tag(points)}.npz", HOLOLENS, features, points,
                                                calibrate_frames=args.calibrate, spacing=spacing, allowed=allowed)
+        if args.vocabulary or args.recall:
+            start = time.perf_counter()
+            if args.vocabulary:  # instead of the package's
+                words, sample = (int(v) for v in args.vocabulary.split(":"))
+                maps[name].visual_words = VisualWords(maps[name].descriptors, words=words, sample=sample)
+            else:
+                maps[name].visual_words  # noqa: B018 - the package's vocabulary, learned here to time it
+            learned_s = time.perf_counter() - start
+            if args.recall:
+                print_retrieval_recall(name, maps[name], frames, learned_s)
         if priors is None:  # the same priors as bench_refine.run draws
             rng, cov = np.random.default_rng(0), np.diag([args.prior_m**2] * 3 + [np.radians(args.prior_deg) ** 2] * 3)
             drawn = np.stack([perturb_pose(T, args.prior_m, args.prior_deg, rng) for _, _, T in frames])
@@ -118,6 +130,26 @@ def bench_hololens(args, config: RefinementConfig) -> None:
             results[name] = run_with_priors(Refiner(maps[name], config), frames, *priors, args.stream_rate)
     print_maps(figures)
     print_results(f"hololens-office {args.split} split ({len(frames)} frames), {what}", results)
+
+
+def print_retrieval_recall(name: str, scene_map, frames, learned_s: float) -> None:
+    """How often the bag of visual words ranks a keyframe near the truth (<= 0.75 m, among its 4 nearest) among its
+    best 20 / 40 for the queried frames: the bound on what retrieval can find (issue 21)."""
+    from ros2_posenet.geometric.features import detect_features, query_feature_config
+
+    query_features = query_feature_config(scene_map.feature_config, RefinementConfig().query_max_image_size)
+    words = scene_map.visual_words
+    found, reachable = Counter(), 0
+    for rgb, _, T in frames:
+        near = {int(i) for i in scene_map.nearest_keyframes(T, 4, 1.0, 60.0)
+                if np.linalg.norm(scene_map.poses[i][:3, 3] - T[:3, 3]) <= 0.75}
+        reachable += bool(near)
+        ranked = np.argsort(-words.similarities(detect_features(rgb, query_features)[1]), kind="stable")
+        found.update(k for k in (20, 40) if near & {int(i) for i in ranked[:k]})
+    n = len(frames)
+    print(f"{name}: vocabulary of {len(words.centres)} words learned in {learned_s:.1f} s; a keyframe near the truth exists "
+          f"for {reachable}/{n} frames, is among the best 20 for {found[20] / n:.1%}, the best 40 for {found[40] / n:.1%}",
+          flush=True)
 
 
 def map_code_tag(points: str) -> str:
@@ -241,6 +273,11 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", type=int, default=20, help="held-out training frames for the covariance scale")
     p.add_argument("--refine-config", type=Path, help="RefinementConfig YAML (default: the defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RefinementConfig overrides")
+    p.add_argument("--vocabulary", metavar="WORDS:SAMPLE",
+                   help="hololens: retrieval's bag of visual words with this many words learned from this many descriptors "
+                        "(default: the package's, geometric/retrieval.py)")
+    p.add_argument("--recall", action="store_true",
+                   help="hololens: also print how often the bag of words ranks a keyframe near the truth among its best 20 / 40")
     p.add_argument("--fountain-scale", type=float, default=0.25)
     p.add_argument("--fountain-priors", type=int, default=3)
     args = p.parse_args(argv)

@@ -11,11 +11,11 @@ import numpy as np
 from ..preprocess import check_rgb_image
 
 DESCRIPTOR_SIZE = 16  # pixels per side of the tiny image
-# Vocabulary of the bag of visual words, and the descriptors its k-means sees (~25 a word). On hololens-office's
-# validation blocks 2048 words put a keyframe near the truth among the 20 best for 60 % of the queries against 55 %
+# Vocabulary of the bag of visual words, and the descriptors its k-means sees (25 a word). On hololens-office's
+# validation blocks 2000 words put a keyframe near the truth among the 20 best for 60 % of the queries against 55 %
 # with 1024 (4096: 61 %, twice the learning time), and refined 3-4 % more frames from wide priors, none wrong; learning
-# takes ~9 s on 2 cores at the map's first retrieval (bench/RESULTS.md, fourth real-data pass).
-VOCABULARY_WORDS = 2048
+# takes ~9 s on 2 cores at the map's first retrieval (bench/RESULTS.md, fourth real-data pass; bench_real.py --recall).
+VOCABULARY_WORDS = 2000
 VOCABULARY_SAMPLE = 50000
 
 
