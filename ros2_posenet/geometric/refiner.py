@@ -606,8 +606,9 @@ class Refiner:
             if (around["ok"] or around.get("unvouched") is not None) and self._agree(best, around):
                 confirmed, how = around, f"the keyframes around it give the same pose ({around['reason']})"
             else:
-                return {**failed, "reason": failed["reason"] + f"; the keyframes around the best pose did not confirm it "
-                                                               f"({around['reason']})"}
+                found = (f"gave another pose, {np.linalg.norm(pose_difference(around['T'], best['T'])[:3]):.2f} m away"
+                         if around.get("T") is not None else f"did not confirm it ({around['reason']})")
+                return {**failed, "reason": failed["reason"] + f"; the keyframes around the best pose {found}"}
         if confirmed is None:
             return failed
         chosen = max((best, confirmed), key=lambda o: o["inliers"])
