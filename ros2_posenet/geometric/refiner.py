@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Annotated, Iterable, Literal
 
@@ -58,6 +59,7 @@ import cv2
 import numpy as np
 from pydantic import ConfigDict, Field
 
+from ..config_base import parse_yaml
 from ..covariance import CovarianceModel, calibration_metrics, fit_covariance_model
 from ..geometry import matrix_to_pose
 from ..preprocess import check_rgb_image
@@ -198,11 +200,12 @@ class RefinementConfig(GeometricSettings):
 
     @classmethod
     def from_yaml(cls, path) -> "RefinementConfig":
-        """From a YAML mapping of the fields (config/refine.yaml); ``ValueError`` names the file."""
+        """From a YAML mapping of the fields (config/refine.yaml), read as the configs are (``2e-3`` is a number);
+        ``ValueError`` names the file."""
         import yaml
 
         try:
-            data = yaml.safe_load(open(path)) or {}
+            data = parse_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ValueError(f"cannot read refinement config {path}: {err}") from None
         if not isinstance(data, dict):

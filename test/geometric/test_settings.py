@@ -90,6 +90,8 @@ def test_from_yaml_names_the_file_and_the_key(tmp_path):
     path = tmp_path / "refine.yaml"
     path.write_text("keyframes: 6\nguided_ratio: 0.8\n")
     assert RefinementConfig.from_yaml(path) == RefinementConfig(keyframes=6, guided_ratio=0.8)
+    path.write_text("min_position_std: 2e-3\n")  # read as the training configs and key=value settings are: a number
+    assert RefinementConfig.from_yaml(path) == RefinementConfig(min_position_std=0.002)
     path.write_text("keyframes: 6\nmin_inlers: 20\n")
     with pytest.raises(ValueError, match=rf"{path}: refinement config: unknown key 'min_inlers' \(did you mean 'min_inliers'\?\)"):
         RefinementConfig.from_yaml(path)
