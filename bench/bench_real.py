@@ -120,7 +120,7 @@ def bench_hololens(args, config: RefinementConfig) -> None:
                 maps[name].visual_words  # noqa: B018 - the package's vocabulary, learned here to time it
             learned_s = time.perf_counter() - start
             if args.recall:
-                print_retrieval_recall(name, maps[name], frames, learned_s)
+                print_retrieval_recall(name, maps[name], frames, learned_s, config)
         if priors is None:  # the same priors as bench_refine.run draws
             rng, cov = np.random.default_rng(0), np.diag([args.prior_m**2] * 3 + [np.radians(args.prior_deg) ** 2] * 3)
             drawn = np.stack([perturb_pose(T, args.prior_m, args.prior_deg, rng) for _, _, T in frames])
@@ -132,16 +132,16 @@ def bench_hololens(args, config: RefinementConfig) -> None:
     print_results(f"hololens-office {args.split} split ({len(frames)} frames), {what}", results)
 
 
-def print_retrieval_recall(name: str, scene_map, frames, learned_s: float) -> None:
-    """How often the bag of visual words ranks a keyframe near the truth (<= 0.75 m, among its 4 nearest) among its
+def print_retrieval_recall(name: str, scene_map, frames, learned_s: float, config: RefinementConfig) -> None:
+    """How often the bag of visual words ranks a keyframe near the truth (<= 0.75 m, among the ``keyframes`` an exact prior would try) among its
     best 20 / 40 for the queried frames: the bound on what retrieval can find (issue 21)."""
     from ros2_posenet.geometric.features import detect_features, query_feature_config
 
-    query_features = query_feature_config(scene_map.feature_config, RefinementConfig().query_max_image_size)
+    query_features = query_feature_config(scene_map.feature_config, config.query_max_image_size)
     words = scene_map.visual_words
     found, reachable = Counter(), 0
     for rgb, _, T in frames:
-        near = {int(i) for i in scene_map.nearest_keyframes(T, 4, 1.0, 60.0)
+        near = {int(i) for i in scene_map.nearest_keyframes(T, config.keyframes, config.metres_per_radian, config.max_keyframe_angle_deg)
                 if np.linalg.norm(scene_map.poses[i][:3, 3] - T[:3, 3]) <= 0.75}
         reachable += bool(near)
         ranked = np.argsort(-words.similarities(detect_features(rgb, query_features)[1]), kind="stable")
