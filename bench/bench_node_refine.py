@@ -1,6 +1,7 @@
 """The node with a map at a 30 Hz 640x480 camera: answers/s and latency of the regressor's and of the verified poses, refine on / off.
 
-    .venv/bin/python bench/bench_node_refine.py [--rate 30] [--duration 20] [--driver-process] [--work /tmp/bench_node_refine] [--json out.json]
+    .venv/bin/python bench/bench_node_refine.py [--rate 30] [--duration 20] [--driver-process] [--backend onnxruntime]
+        [--work /tmp/bench_node_refine] [--json out.json]
 
 The real ``PoseNetNode`` runs in this process with rclpy (one SingleThreadedExecutor spinning it
 and, by default, the driver node; ``--driver-process``: the driver is a separate process, as a
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=30.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--cpu-threads", type=int, default=1, help="the node's cpu_threads (inference)")
+    parser.add_argument("--backend", default="torch", help="the node's inference backend (torch, onnxruntime, ...)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_node_refine"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--driver-process", action="store_true", help="publish the images from a separate process (a camera driver node), not from the node's")
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
     rclpy.init()
     node = PoseNetNode(namespace="bench_refine", parameter_overrides=[
         Parameter("checkpoint", value=str(checkpoint)), Parameter("map_file", value=str(map_path)), Parameter("device", value="cpu"),
-        Parameter("cpu_threads", value=args.cpu_threads), Parameter("image_topic", value=IMAGE_TOPIC), Parameter("image_qos", value="reliable"),
+        Parameter("cpu_threads", value=args.cpu_threads), Parameter("backend", value=args.backend), Parameter("image_topic", value=IMAGE_TOPIC), Parameter("image_qos", value="reliable"),
         Parameter("max_image_age", value=0.0), Parameter("log_period", value=0.0), Parameter("tf_mode", value="map_to_camera"),
     ])
     with_true_priors(node, frames)
@@ -249,7 +251,8 @@ def main(argv=None) -> int:
 
     print(f"machine: {machine_description()}; load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at the end "
           "(this run's own load included)")
-    print(f"camera {args.rate:g} Hz, 640x480, {args.duration:g} s per setting (two interleaved halves), node cpu_threads {args.cpu_threads}, "
+    print(f"camera {args.rate:g} Hz, 640x480, {args.duration:g} s per setting (two interleaved halves), node backend {args.backend}, "
+          f"cpu_threads {args.cpu_threads}, "
           f"images from {'a separate driver process' if args.driver_process else 'a driver node in the node process'}")
     print("| refine | sent/s | regressor poses/s | regressor p50 / p90 ms | verified poses/s | verified p50 / p90 ms | refined | fallback | skipped by refiner | superseded |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
