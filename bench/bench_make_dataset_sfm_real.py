@@ -1,6 +1,6 @@
 """SfM route of posenet-make-dataset on real images: hololens-office (7-Scenes layout, JPEG, true poses).
 
-    python bench/bench_make_dataset_sfm_real.py --root ../shared/data/hololens-office --work /tmp/bench_md_real [--mapper incremental]
+    python bench/bench_make_dataset_sfm_real.py --root ../shared/data/hololens-office --work /tmp/bench_md_real [--mapper incremental] [--sfm-seed N]
 
 The images go into a bag as CompressedImage (the JPEG bytes as recorded) at 10 Hz with their CameraInfo,
 in the order they were recorded (``frames.txt``: the test frames are blocks cut out of one walk, so the
@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_md_real"))
     p.add_argument("--matcher", default="auto")
     p.add_argument("--mapper", default="global")
+    p.add_argument("--sfm-seed", type=int, default=0)
     a = p.parse_args()
     if not a.root.is_dir():
         print(f"skipped: {a.root} not found")
@@ -65,7 +66,7 @@ def main() -> None:
     out = a.work / "ds"
     start = time.perf_counter()
     rc = make_dataset([str(a.work / "bag"), "--image-topic", "/camera/image_raw/compressed", "--pose-source", "sfm",
-                       "--align-to", "topic:/truth", "--pose-frame", t.CAMERA, "--matcher", a.matcher, "--mapper", a.mapper, "--out", str(out),
+                       "--align-to", "topic:/truth", "--pose-frame", t.CAMERA, "--matcher", a.matcher, "--mapper", a.mapper, "--sfm-seed", str(a.sfm_seed), "--out", str(out),
                        "--test-fraction", "0", "--quiet", *t.KEEP_ALL])
     wall = time.perf_counter() - start
     if rc != 0:

@@ -109,6 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            help="incremental (default for bags, whose reference catches a bent reconstruction: registers only "
                                 "well-constrained frames) or global (GLOMAP: rotation averaging + global positioning; default for "
                                 "--images / --video, which have no reference; right where incremental bends a walking video)")
+    sfm_group.add_argument("--sfm-seed", type=int, default=0, metavar="N",
+                           help="seed of SfM's random choices (default 0): with the incremental mapper the same frames give "
+                                "the same poses; when a reconstruction is refused as bent, another seed (or, with the global "
+                                "mapper, which varies from run to run anyway, another run) may not be")
     sfm_group.add_argument("--max-alignment-residual", type=float, default=0.25, metavar="METRES",
                            help="refuse SfM poses whose alignment to the reference leaves a larger RMS residual (default 0.25): "
                                 "the reconstruction or the reference is wrong, and wrong labels are worse than none")
@@ -128,6 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_input_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """One input; a bag needs its topic and pose source, plain images SfM, a calibration and a known distance."""
+    if args.sfm_seed < 0:
+        p.error(f"--sfm-seed must be >= 0, got {args.sfm_seed}")
     given = [name for name, value in (("a bag", args.input), ("--images", args.images), ("--video", args.video)) if value]
     if len(given) != 1:
         p.error(f"give one input: a bag, --images DIR or --video FILE (got {' and '.join(given) or 'none'})")
@@ -385,7 +391,7 @@ class Maker:
         self.writer.workspace  # created before pycolmap writes there
         log.info("SfM on %d frames (%s matching, %s mapping)...", len(names), self.args.matcher, self.args.mapper)
         sfm_poses, summary = sfm.reconstruct(self.writer.frames, names, self.camera.K, self.writer.workspace,
-                                             self.args.matcher, self.args.mapper)
+                                             self.args.matcher, self.args.mapper, seed=self.args.sfm_seed)
         registered = [(r, sfm_poses[n]) for r, n in zip(records, names) if n in sfm_poses]
         similarity, summary["alignment"] = self._alignment(recordings, registered)
         for record, T in registered:
@@ -420,7 +426,7 @@ class Maker:
                                    f"{rms:.3f} m over {len(pairs)} frames, more than --max-alignment-residual "
                                    f"{self.args.max_alignment_residual:g} m (SfM registered {len(registered)} frames; "
                                    f"a wrong reconstruction, or a drifting reference; try --mapper "
-                                   f"{'global' if self.args.mapper == 'incremental' else 'incremental'})")
+                                   f"{'global' if self.args.mapper == 'incremental' else 'incremental'} or another --sfm-seed)")
             return similarity, {"method": method, "reference": source, "frames": len(pairs),
                                 "scale": similarity.scale, "residual_rms_m": float(np.sqrt(np.mean(residuals ** 2))),
                                 "residual_median_m": float(np.median(residuals)), "residual_max_m": float(residuals.max())}

@@ -377,7 +377,16 @@ def test_sfm_poses_after_alignment_match_the_scene(tmp_path, capsys):
     position = [np.linalg.norm(T[:3, 3] - truth[s][:3, 3]) for s, T in got]
     rotation = [rotation_angle_deg_np(matrix_to_pose(T)[1], matrix_to_pose(truth[s])[1]) for s, T in got]
     assert np.median(position) <= 0.02 and np.median(rotation) <= 0.5
-    assert meta["sfm"]["alignment"]["residual_rms_m"] < 0.02
+    assert meta["sfm"]["alignment"]["residual_rms_m"] < 0.02 and meta["sfm"]["seed"] == 0
+    # The same frames and seed give the same poses (COLMAP seeds its two-view RANSAC anew every run unless told:
+    # these 30 frames registered 14-16 with 5-46 mm alignment residuals from run to run).
+    assert make(bag, tmp_path / "again", "--align-to", f"tf:map:{CAMERA}", "--test-fraction", "0", *KEEP_ALL, pose_source="sfm") == 0
+    again = (tmp_path / "again" / "frames.csv").read_text().splitlines()[1:]
+    assert again == rows  # the same frames registered
+    for row in rows:  # the same poses, to the last digits (threads sum in another order)
+        seq, frame = row.split(",")[:2]
+        np.testing.assert_allclose(read_pose_file(out / seq / f"{frame}.pose.txt"),
+                                   read_pose_file(tmp_path / "again" / seq / f"{frame}.pose.txt"), atol=1e-3)
     # Poses that do not fit the reference are refused, not written.
     assert make(bag, tmp_path / "strict", "--align-to", f"tf:map:{CAMERA}", "--test-fraction", "0", "--max-alignment-residual", "1e-6",
                 *KEEP_ALL, pose_source="sfm") == 2
@@ -389,9 +398,11 @@ def test_both_mappers_keep_the_intrinsics_fixed():
     import pycolmap
     from ros2_posenet.dataset_maker.sfm import _global_options, _incremental_options
 
-    incremental, bundle_adjustment = _incremental_options(pycolmap), _global_options(pycolmap).mapper.bundle_adjustment
+    incremental, global_options = _incremental_options(pycolmap, 7), _global_options(pycolmap, 7)
+    bundle_adjustment = global_options.mapper.bundle_adjustment
     assert not (incremental.ba_refine_focal_length or incremental.ba_refine_principal_point or incremental.ba_refine_extra_params)
     assert not (bundle_adjustment.refine_focal_length or bundle_adjustment.refine_principal_point or bundle_adjustment.refine_extra_params)
+    assert incremental.random_seed == global_options.random_seed == 7  # --sfm-seed reaches both mappers
 
 
 def test_sfm_needs_frames_and_a_scale(scene, tmp_path, capsys):
@@ -403,6 +414,9 @@ def test_sfm_needs_frames_and_a_scale(scene, tmp_path, capsys):
     assert make(bag, tmp_path / "ds", *KEEP_ALL, "--test-fraction", "0", "--align-to", f"tf:map:{CAMERA}", pose_source="sfm") == 2
     assert "too few frames for SfM: 3 selected" in _error(capsys)
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.*"))
+    with pytest.raises(SystemExit) as exit_info:
+        make(bag, tmp_path / "ds", *KEEP_ALL, "--sfm-seed", "-1", pose_source="sfm")
+    assert exit_info.value.code == 2 and "--sfm-seed must be >= 0, got -1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the dataset serves like the scene
