@@ -166,8 +166,8 @@ def descriptor_distances(desc_a: np.ndarray, desc_b: np.ndarray, config: Feature
     ratio = ratio_in_distance_units(config.ratio, config)
     if config.type == "sift":
         # Squared L2 |a|² − 2a·b + |b|² as one BLAS product of descriptors extended by their norms and ones:
-        # no pass over the (Na, Nb) result to add the norms (2x faster than adding them after, 1.1 ms for
-        # 1000 x 900 on 2 cores). Exact: every term is an integer far below float32's 2^24.
+        # no pass over the (Na, Nb) result to add the norms (1.9 -> 1.5 ms a pair of ~870 SIFT features on
+        # 2 cores). Exact: every term is an integer far below float32's 2^24.
         a_norms, b_norms = np.einsum("ij,ij->i", a, a)[:, None], np.einsum("ij,ij->i", b, b)[:, None]
         extended_a = np.hstack((a, np.ones_like(a_norms), a_norms))
         extended_b = np.hstack((-2.0 * b, b_norms, np.ones_like(b_norms)))
