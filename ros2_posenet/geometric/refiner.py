@@ -134,6 +134,14 @@ class RefinementConfig(GeometricSettings):
         retrieval_confirms: the same with keyframes retrieved by appearance
             (``source = 'retrieval'``, ``retrieval_min_inliers``), tried when the
             neighbourhood did not confirm. Both off: every gated pose is a fallback.
+        search_candidates: the last resort when every attempt failed: the next best keyframes by
+            the bag of words, up to this many (a small map's all), are re-ranked by their matches
+            with the image and the best ``retrieval_keyframes`` tried (``source = 'search'``). The
+            right keyframes of a hard real image can rank 20th-180th by the bag of words and 1st by
+            matches. A pose found this way is accepted only when the keyframes around it give the
+            same pose (as ``confirm_few_inliers``), whatever its inliers: so wide a search meets
+            chance poses of 50 inliers (bench/RESULTS.md). 0 or ``retrieval`` off: no search; each
+            keyframe costs ~1.5 ms (2 cores).
         confirm_few_inliers: a pose with at least ``min_inliers`` but fewer than
             ``retrieval_min_inliers`` inliers, where only those would do (retrieval, a wide
             prior), is accepted when an independent set of keyframes gives the same pose
@@ -182,6 +190,7 @@ class RefinementConfig(GeometricSettings):
     retrieval_keyframes: int = Field(8, ge=1)
     retrieval_candidates: int = Field(20, ge=0)
     retrieval_min_inliers: _PoseInliers = 50
+    search_candidates: int = Field(250, ge=0)
     neighbourhood_confirms: bool = True
     retrieval_confirms: bool = True
     confirm_few_inliers: bool = True
@@ -372,6 +381,8 @@ class Refiner:
         candidates = [o for o in outcomes if o is not None and o.get("unvouched") is not None]
         if not outcome["ok"] and not outcome.get("gated") and candidates:
             outcome = self._confirm_candidates(candidates, outcome, attempt, tried, K, size)
+        if cfg.retrieval and cfg.search_candidates and not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION:
+            outcome = self._search(rgb, query, outcome, attempt, tried, K, size, timing)
         timing["total"] = (time.perf_counter() - start) * 1e3
         return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
 
@@ -395,18 +406,20 @@ class Refiner:
             query.matches[keyframe] = match_features(query.descriptors, self.map.descriptors[keyframe], self.map.feature_config)
         return query.matches[keyframe]
 
-    def _retrieve(self, rgb: np.ndarray, query: "_Query", exclude: list[int], timing: dict) -> np.ndarray:
+    def _retrieve(self, rgb: np.ndarray, query: "_Query", exclude: list[int], timing: dict,
+                  candidates: int | None = None) -> np.ndarray:
         """The ``retrieval_keyframes`` keyframes most likely to see ``rgb`` that are not in ``exclude``.
 
         Ranked by the bag of visual words of the image's features, then the best
-        ``retrieval_candidates`` re-ranked by how many of the image's features they match
-        (what the pose will be made of: hloc's retrieval + matching, with the matches as the
-        verification of the ranking).
+        ``candidates`` (default ``retrieval_candidates``) re-ranked by how many of the image's
+        features they match (what the pose will be made of: hloc's retrieval + matching, with
+        the matches as the verification of the ranking).
         """
         cfg = self.config
-        k = max(cfg.retrieval_keyframes, cfg.retrieval_candidates)
+        candidates = cfg.retrieval_candidates if candidates is None else candidates
+        k = max(cfg.retrieval_keyframes, candidates)
         ranked = _untried(self.map.retrieve_keyframes(rgb, k + len(exclude), query.descriptors), exclude, k)
-        if cfg.retrieval_candidates > cfg.retrieval_keyframes and len(query.descriptors):
+        if candidates > cfg.retrieval_keyframes and len(query.descriptors):
             t0 = time.perf_counter()
             counts = [len(self._matches(query, i)) for i in ranked]
             ranked = ranked[np.argsort(-np.array(counts), kind="stable")]
@@ -465,7 +478,7 @@ class Refiner:
             outcome["reason"] = {"prior": "no keyframe of the map looks the way the prior does",
                                  "tracking": "no keyframe of the map looks the way the last verified pose does",
                                  "neighbourhood": "no other keyframe around the refused pose",
-                                 "retrieval": "no keyframe retrieved"}[source]
+                                 "retrieval": "no keyframe retrieved", "search": "no keyframe left to search"}[source]
             outcome["failure"] = FAILURE_NO_KEYFRAMES
             return outcome if previous is None else {**previous, "reason": previous["reason"] + "; " + outcome["reason"]}
         tried.extend(int(k) for k in keyframes)
@@ -480,7 +493,7 @@ class Refiner:
         t0 = time.perf_counter()
         # A pose needs retrieval_min_inliers where nothing can vouch for fewer: no prior, or one too wide for the gate.
         wide = source in ("prior", "tracking") and self._prior_is_wide(prior_cov)
-        min_inliers = cfg.retrieval_min_inliers if source == "retrieval" or wide else cfg.min_inliers
+        min_inliers = cfg.retrieval_min_inliers if source in ("retrieval", "search") or wide else cfg.min_inliers
         T, inliers = solve_absolute_pose(p2d, p3d, K, size, cfg.ransac_threshold_px, cfg.solver)
         n_in = int(inliers.sum())
         if cfg.guided_matching and T is not None and cfg.guided_min_inliers <= n_in < min_inliers:
@@ -500,7 +513,7 @@ class Refiner:
             timing["pose"] += (time.perf_counter() - t0) * 1e3
             what = {"prior": "keyframes near the prior", "tracking": "keyframes near the last verified pose",
                     "neighbourhood": "keyframes around the refused pose",
-                    "retrieval": "retrieved keyframes"}[source]
+                    "retrieval": "retrieved keyframes", "search": "keyframes searched by their matches"}[source]
             outcome["reason"] = (f"too few inliers with the {what}: {n_in} of {len(p2d)} matches "
                                  f"(need {min_inliers} and {cfg.min_inlier_ratio:.0%}"
                                  f"{'; the prior is too wide for the gate to vouch for fewer' if wide else ''})")
@@ -591,6 +604,15 @@ class Refiner:
                 return {**other, "reason": f"{other['reason']}; confirms the pose the gate refused: {gated['reason']}"}
             notes.append(f"{what} gave another pose, {np.linalg.norm(pose_difference(other['T'], gated['T'])[:3]):.2f} m away")
         return {**gated, "reason": "; ".join([gated["reason"], *notes])}
+
+    def _search(self, rgb, query: "_Query", failed: dict, attempt, tried: list[int], K, size, timing) -> dict:
+        """The last resort (``search_candidates``): the untried keyframes that match the image best; the
+        pose they give stands only if the keyframes around it give the same pose (:meth:`_confirm_candidates`)."""
+        found = attempt("search", self._retrieve(rgb, query, tried, timing, self.config.search_candidates), previous=failed)
+        if found["ok"] or found.get("unvouched") is not None:
+            failed = {**failed, "reason": f"{failed['reason']}; the search found a pose ({found['reason']})"}
+            return self._confirm_candidates([found], failed, attempt, tried, K, size)
+        return found
 
     def _confirm_candidates(self, candidates: list[dict], failed: dict, attempt, tried: list[int], K, size) -> dict:
         """Accept a pose of fewer inliers than its source needs when independent keyframes give the same pose.

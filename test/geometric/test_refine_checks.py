@@ -167,8 +167,9 @@ def test_retrieval_failure_without_a_prior_answers_the_best_keyframe_without_cov
     result = Refiner(scene_map, RefinementConfig(min_inliers=5000, retrieval_min_inliers=5000)).refine(images[0], K, None)
     assert result.status == "fallback" and result.failure == FAILURE_TOO_FEW_INLIERS
     assert "too few inliers with the retrieved keyframes" in result.reason and "best retrieved keyframe" in result.reason
-    assert result.covariance is None and result.source == "retrieval"
-    (source, retrieved), = result.attempts
+    assert result.covariance is None and result.source == "search"  # the last resort was tried too
+    (source, retrieved), (last, searched) = result.attempts
+    assert (source, last) == ("retrieval", "search") and not set(retrieved) & set(searched)
     np.testing.assert_array_equal(result.T, scene_map.poses[retrieved[0]])  # the best ranked
 
 
@@ -315,3 +316,56 @@ def test_the_vocabulary_is_learned_at_construction_unless_left_to_prepare_retrie
     np.testing.assert_array_equal(vars(lazy_map)["visual_words"].vectors, vars(eager_map)["visual_words"].vectors)
     Refiner(without := replace(scene_map), RefinementConfig(retrieval=False))
     assert "visual_words" not in vars(without)  # nothing to learn without retrieval
+
+
+class _WordsRankingTheRightKeyframesLast:
+    """A bag of words that ranks first the keyframes looking furthest away from ``T``: on real images the
+    keyframes that see the query can rank 20th-180th by the bag of words and 1st by their matches."""
+
+    def __init__(self, scene_map: SceneMap, T: np.ndarray):
+        self.scores = np.array([np.linalg.norm(pose_difference(pose, T)[3:]) for pose in scene_map.poses])
+
+    def similarities(self, descriptors):
+        return self.scores
+
+
+def _misranking(scene_map: SceneMap, T: np.ndarray, points3d=None) -> SceneMap:
+    misranked = replace(scene_map, points3d=scene_map.points3d if points3d is None else points3d)
+    misranked.__dict__["visual_words"] = _WordsRankingTheRightKeyframesLast(scene_map, T)  # the cached_property's slot
+    return misranked
+
+
+# Retrieval tries the bag of words' best two keyframes; no guided matching, which can rescue a pose of 8 inliers.
+SEARCH = RefinementConfig(retrieval_keyframes=2, retrieval_candidates=0, guided_matching=False)
+
+
+def test_the_search_finds_the_keyframes_the_bag_of_words_missed_and_the_keyframes_around_confirm_it(room):
+    """Retrieval tries the two keyframes that look furthest away (7-11 inliers each) and fails; the search
+    re-ranks the rest by their matches, and its pose stands because the keyframes around it give the same.
+    Mutation: ``search_candidates: 0`` (the frame falls back), or the search's keyframes in the bag-of-words
+    order (they do not see the image)."""
+    scene, scene_map, images = room
+    misranked = _misranking(scene_map, TRUTHS[2])
+    result = Refiner(misranked, SEARCH).refine(images[2], K, None)
+    assert result.refined, result.reason
+    assert [source for source, _ in result.attempts] == ["retrieval", "search", "neighbourhood"], result.attempts
+    (_, retrieved), (_, searched), (_, around) = result.attempts
+    assert not set(searched) & set(retrieved) and not set(around) & set(searched + retrieved)
+    error = pose_difference(result.T, TRUTHS[2])
+    assert np.linalg.norm(error[:3]) < 0.03 and np.degrees(np.linalg.norm(error[3:])) < 0.5
+    off = Refiner(misranked, SEARCH.replace(search_candidates=0)).refine(images[2], K, None)
+    assert off.status == "fallback" and [source for source, _ in off.attempts] == ["retrieval"], off.reason
+
+
+def test_a_searched_pose_of_many_inliers_falls_back_when_the_keyframes_around_it_disagree(room):
+    """The searched keyframes' points sit 0.4 m off: their pose is consistent, made of more inliers than
+    retrieval needs, and wrong; the keyframes around it give the true pose, so the frame falls back.
+    Mutation: a searched pose of ``retrieval_min_inliers`` accepted without its confirmation."""
+    scene, scene_map, images = room
+    searched = Refiner(_misranking(scene_map, TRUTHS[2]), SEARCH).refine(images[2], K, None).attempts[1][1]
+    shifted = [p + np.float32([0.4, 0.0, 0.0]) if i in searched else p for i, p in enumerate(scene_map.points3d)]
+    result = Refiner(_misranking(scene_map, TRUTHS[2], shifted), SEARCH).refine(images[2], K, None)
+    assert result.status == "fallback", result.reason
+    inliers = int(result.reason.split("the search found a pose (")[1].split(" inliers")[0])
+    assert inliers >= SEARCH.retrieval_min_inliers, result.reason
+    assert "the keyframes around the best pose gave another pose, 0.4" in result.reason
