@@ -133,15 +133,17 @@ class RefinementConfig(GeometricSettings):
             keyframes around it that see the query. Never past ``max_correction_m/deg``.
         retrieval_confirms: the same with keyframes retrieved by appearance
             (``source = 'retrieval'``, ``retrieval_min_inliers``), tried when the
-            neighbourhood did not confirm. Both off: every gated pose is a fallback.
+            neighbourhood did not confirm. Both off: every gated pose is a fallback. It also
+            lets the next best searched keyframes confirm a searched pose (``search_candidates``).
         search_candidates: the last resort when every attempt failed: the next best keyframes by
             the bag of words, up to this many (a small map's all), are re-ranked by their matches
             with the image and the best ``retrieval_keyframes`` tried (``source = 'search'``). The
             right keyframes of a hard real image can rank 20th-180th by the bag of words and 1st by
-            matches. A pose found this way is accepted only when the keyframes around it give the
-            same pose (as ``confirm_few_inliers``), whatever its inliers: so wide a search meets
-            chance poses of 50 inliers (bench/RESULTS.md). 0 or ``retrieval`` off: no search; each
-            keyframe costs ~1.5 ms (2 cores).
+            matches. A pose found this way is accepted only when independent keyframes give the
+            same pose (as ``confirm_few_inliers``: the next ``retrieval_keyframes`` by their matches
+            if ``retrieval_confirms``, else the keyframes around it), whatever its inliers: so wide a
+            search meets chance poses of 50 inliers (bench/RESULTS.md). 0 or ``retrieval`` off: no
+            search; each keyframe costs ~1.5 ms (2 cores).
         confirm_few_inliers: a pose with at least ``min_inliers`` but fewer than
             ``retrieval_min_inliers`` inliers, where only those would do (retrieval, a wide
             prior), is accepted when an independent set of keyframes gives the same pose
@@ -607,12 +609,19 @@ class Refiner:
 
     def _search(self, rgb, query: "_Query", failed: dict, attempt, tried: list[int], K, size, timing) -> dict:
         """The last resort (``search_candidates``): the untried keyframes that match the image best; the
-        pose they give stands only if the keyframes around it give the same pose (:meth:`_confirm_candidates`)."""
-        found = attempt("search", self._retrieve(rgb, query, tried, timing, self.config.search_candidates), previous=failed)
-        if found["ok"] or found.get("unvouched") is not None:
-            failed = {**failed, "reason": f"{failed['reason']}; the search found a pose ({found['reason']})"}
-            return self._confirm_candidates([found], failed, attempt, tried, K, size)
-        return found
+        pose they give stands only if independent keyframes give the same pose (:meth:`_confirm_candidates`):
+        the next best by their matches (``retrieval_confirms``), else the keyframes around it."""
+        search = lambda: self._retrieve(rgb, query, tried, timing, self.config.search_candidates)  # noqa: E731
+        found = attempt("search", search(), previous=failed)
+        if not found["ok"] and found.get("unvouched") is None:
+            return found
+        candidates = [found]
+        if self.config.retrieval_confirms:
+            again = attempt("search", search())
+            if again["ok"] or again.get("unvouched") is not None:
+                candidates.append(again)
+        failed = {**failed, "reason": f"{failed['reason']}; the search found a pose ({found['reason']})"}
+        return self._confirm_candidates(candidates, failed, attempt, tried, K, size)
 
     def _confirm_candidates(self, candidates: list[dict], failed: dict, attempt, tried: list[int], K, size) -> dict:
         """Accept a pose of fewer inliers than its source needs when independent keyframes give the same pose.

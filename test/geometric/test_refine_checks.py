@@ -339,27 +339,29 @@ def _misranking(scene_map: SceneMap, T: np.ndarray, points3d=None) -> SceneMap:
 SEARCH = RefinementConfig(retrieval_keyframes=2, retrieval_candidates=0, guided_matching=False)
 
 
-def test_the_search_finds_the_keyframes_the_bag_of_words_missed_and_the_keyframes_around_confirm_it(room):
+def test_the_search_finds_the_keyframes_the_bag_of_words_missed_and_independent_keyframes_confirm_it(room):
     """Retrieval tries the two keyframes that look furthest away (7-11 inliers each) and fails; the search
-    re-ranks the rest by their matches, and its pose stands because the keyframes around it give the same.
-    Mutation: ``search_candidates: 0`` (the frame falls back), or the search's keyframes in the bag-of-words
-    order (they do not see the image)."""
+    re-ranks the rest by their matches, and its pose stands because the next best keyframes give the same
+    pose (or, with ``retrieval_confirms`` off, the keyframes around it). Mutation: ``search_candidates: 0``
+    (the frame falls back), or the search's keyframes in the bag-of-words order (they do not see the image)."""
     scene, scene_map, images = room
     misranked = _misranking(scene_map, TRUTHS[2])
-    result = Refiner(misranked, SEARCH).refine(images[2], K, None)
-    assert result.refined, result.reason
-    assert [source for source, _ in result.attempts] == ["retrieval", "search", "neighbourhood"], result.attempts
-    (_, retrieved), (_, searched), (_, around) = result.attempts
-    assert not set(searched) & set(retrieved) and not set(around) & set(searched + retrieved)
-    error = pose_difference(result.T, TRUTHS[2])
-    assert np.linalg.norm(error[:3]) < 0.03 and np.degrees(np.linalg.norm(error[3:])) < 0.5
+    for settings, confirmed_by in ((SEARCH, "search"), (SEARCH.replace(retrieval_confirms=False), "neighbourhood")):
+        result = Refiner(misranked, settings).refine(images[2], K, None)
+        assert result.refined, result.reason
+        assert [source for source, _ in result.attempts] == ["retrieval", "search", confirmed_by], result.attempts
+        (_, retrieved), (_, searched), (_, confirming) = result.attempts
+        assert not set(searched) & set(retrieved) and not set(confirming) & set(searched + retrieved)
+        error = pose_difference(result.T, TRUTHS[2])
+        assert np.linalg.norm(error[:3]) < 0.03 and np.degrees(np.linalg.norm(error[3:])) < 0.5
     off = Refiner(misranked, SEARCH.replace(search_candidates=0)).refine(images[2], K, None)
     assert off.status == "fallback" and [source for source, _ in off.attempts] == ["retrieval"], off.reason
 
 
 def test_a_searched_pose_of_many_inliers_falls_back_when_the_keyframes_around_it_disagree(room):
     """The searched keyframes' points sit 0.4 m off: their pose is consistent, made of more inliers than
-    retrieval needs, and wrong; the keyframes around it give the true pose, so the frame falls back.
+    retrieval needs, and wrong; the next best keyframes and those around it give the true pose, so the frame
+    falls back.
     Mutation: a searched pose of ``retrieval_min_inliers`` accepted without its confirmation."""
     scene, scene_map, images = room
     searched = Refiner(_misranking(scene_map, TRUTHS[2]), SEARCH).refine(images[2], K, None).attempts[1][1]
