@@ -374,7 +374,7 @@ class Refiner:
             outcomes.append(outcome)
             if outcome.get("gated") and not outcome.get("capped"):
                 outcome = self._confirm_refused(outcome, attempt, retrieve, tried)
-            elif cfg.retrieval and not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION:
+            elif cfg.retrieval and _other_keyframes_may_help(outcome):
                 outcome = attempt("retrieval", retrieve(), previous=outcome)
                 outcomes.append(outcome)
         else:
@@ -383,7 +383,7 @@ class Refiner:
         candidates = [o for o in outcomes if o is not None and o.get("unvouched") is not None]
         if not outcome["ok"] and not outcome.get("gated") and candidates:
             outcome = self._confirm_candidates(candidates, outcome, attempt, tried, K, size)
-        if cfg.retrieval and cfg.search_candidates and not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION:
+        if cfg.retrieval and cfg.search_candidates and _other_keyframes_may_help(outcome):
             outcome = self._search(rgb, query, outcome, attempt, tried, K, size, timing)
         timing["total"] = (time.perf_counter() - start) * 1e3
         return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
@@ -420,7 +420,9 @@ class Refiner:
         cfg = self.config
         candidates = cfg.retrieval_candidates if candidates is None else candidates
         k = max(cfg.retrieval_keyframes, candidates)
-        ranked = _untried(self.map.retrieve_keyframes(rgb, k + len(exclude), query.descriptors), exclude, k)
+        if query.ranking is None:  # once per image: retrieval, its confirmations and the search all ask
+            query.ranking = self.map.retrieve_keyframes(rgb, len(self.map), query.descriptors)
+        ranked = _untried(query.ranking, exclude, k)
         if candidates > cfg.retrieval_keyframes and len(query.descriptors):
             t0 = time.perf_counter()
             counts = [len(self._matches(query, i)) for i in ranked]
@@ -711,11 +713,19 @@ class Refiner:
 
 @dataclass
 class _Query:
-    """One image's features, and its matches with the keyframes asked for so far (keyframe index -> pairs)."""
+    """One image's features, its matches with the keyframes asked for so far (keyframe index -> pairs), and
+    every keyframe ranked by appearance once retrieval has asked (:meth:`SceneMap.retrieve_keyframes`)."""
 
     keypoints: np.ndarray
     descriptors: np.ndarray
     matches: dict[int, np.ndarray] = field(default_factory=dict)
+    ranking: np.ndarray | None = None
+
+
+def _other_keyframes_may_help(outcome: dict) -> bool:
+    """Whether an attempt that failed leaves room for other keyframes: not refused by the gate (its own
+    confirmations decide) nor by the focal check (K is wrong for every keyframe alike)."""
+    return not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION
 
 
 def _correction(delta: np.ndarray) -> tuple[float, float]:
