@@ -144,6 +144,12 @@ class RefinementConfig(GeometricSettings):
             if ``retrieval_confirms``, else the keyframes around it), whatever its inliers: so wide a
             search meets chance poses of 50 inliers (bench/RESULTS.md). 0 or ``retrieval`` off: no
             search; each keyframe costs ~1.5 ms (2 cores).
+        wide_prior_cross_check: a pose from the keyframes of a prior too wide for the gate to
+            vouch for it (:meth:`Refiner._prior_is_wide`, a regressor's on real data) is compared
+            with retrieval's; where the two disagree, the pose of more inliers stands. Repeated
+            structure (two identical doors 1 m apart) gives a wrong pose of 81 inliers from the
+            keyframes that see the other door, where the right keyframes give 223
+            (bench/RESULTS.md). Costs a retrieval (~30 ms) on such frames; needs ``retrieval``.
         confirm_few_inliers: a pose with at least ``min_inliers`` but fewer than
             ``retrieval_min_inliers`` inliers, where only those would do (retrieval, a wide
             prior), is accepted when an independent set of keyframes gives the same pose
@@ -196,6 +202,7 @@ class RefinementConfig(GeometricSettings):
     neighbourhood_confirms: bool = True
     retrieval_confirms: bool = True
     confirm_few_inliers: bool = True
+    wide_prior_cross_check: bool = True
     covariance_scale: float = Field(0.0, ge=0)
     min_position_std: float = Field(0.002, ge=0)
     min_rotation_std_deg: float = Field(0.05, ge=0)
@@ -377,6 +384,8 @@ class Refiner:
             elif cfg.retrieval and _other_keyframes_may_help(outcome):
                 outcome = attempt("retrieval", retrieve(), previous=outcome)
                 outcomes.append(outcome)
+            elif outcome["ok"] and cfg.retrieval and cfg.wide_prior_cross_check and self._prior_is_wide(prior_covariance):
+                outcome = self._cross_check(outcome, attempt, retrieve)
         else:
             outcome = attempt("retrieval", retrieve())
             outcomes.append(outcome)
@@ -608,6 +617,16 @@ class Refiner:
                 return {**other, "reason": f"{other['reason']}; confirms the pose the gate refused: {gated['reason']}"}
             notes.append(f"{what} gave another pose, {np.linalg.norm(pose_difference(other['T'], gated['T'])[:3]):.2f} m away")
         return {**gated, "reason": "; ".join([gated["reason"], *notes])}
+
+    def _cross_check(self, found: dict, attempt, retrieve) -> dict:
+        """``found`` (from the keyframes of a prior too wide to vouch for it), or retrieval's pose where the
+        two disagree and retrieval's has more inliers (``wide_prior_cross_check``)."""
+        other = attempt("retrieval", retrieve())
+        if not other["ok"] or self._agree(found, other) or other["inliers"] <= found["inliers"]:
+            return found
+        moved = np.linalg.norm(pose_difference(other["T"], found["T"])[:3])
+        return {**other, "reason": f"{other['reason']}; it replaces the pose of the prior's keyframes, {moved:.2f} m away "
+                                   f"with {found['inliers']} inliers (repeated structure)"}
 
     def _search(self, rgb, query: "_Query", failed: dict, attempt, tried: list[int], K, size, timing) -> dict:
         """The last resort (``search_candidates``): the untried keyframes that match the image best; the

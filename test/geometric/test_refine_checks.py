@@ -371,3 +371,35 @@ def test_a_searched_pose_of_many_inliers_falls_back_when_the_keyframes_around_it
     inliers = int(result.reason.split("the search found a pose (")[1].split(" inliers")[0])
     assert inliers >= SEARCH.retrieval_min_inliers, result.reason
     assert "the keyframes around the best pose gave another pose, 0.4" in result.reason
+
+
+def test_a_wide_priors_pose_from_repeated_structure_gives_way_to_retrievals_of_more_inliers(room):
+    """The prior's keyframes' points sit 0.4 m off (what matches on the other of two identical doors look
+    like): a consistent wrong pose of more inliers than a wide prior needs. Retrieval's keyframes give the
+    true pose with more inliers, and it stands. Mutation: no cross-check (the wrong pose is published), or
+    the pose of fewer inliers kept."""
+    scene, scene_map, images = room
+    settings = RefinementConfig(keyframes=2)  # the prior's view of the repeated part holds fewer matches than the place's
+    near = scene_map.nearest_keyframes(TRUTHS[1], settings.keyframes, settings.metres_per_radian, settings.max_keyframe_angle_deg)
+    shifted = replace(scene_map, points3d=[p + np.float32([0.4, 0.0, 0.0]) if i in near else p
+                                           for i, p in enumerate(scene_map.points3d)])
+    result = Refiner(shifted, settings).refine(images[1], K, TRUTHS[1], WIDE)
+    assert result.refined and result.source == "retrieval", result.reason
+    assert [source for source, _ in result.attempts] == ["prior", "retrieval"]
+    assert "replaces the pose of the prior's keyframes, 0.4" in result.reason
+    assert np.linalg.norm(pose_difference(result.T, TRUTHS[1])[:3]) < 0.03
+    unchecked = Refiner(shifted, settings.replace(wide_prior_cross_check=False)).refine(images[1], K, TRUTHS[1], WIDE)
+    assert unchecked.refined and unchecked.source == "prior" and unchecked.inliers >= settings.retrieval_min_inliers
+    assert np.linalg.norm(pose_difference(unchecked.T, TRUTHS[1])[:3]) > 0.3
+    assert unchecked.inliers < result.inliers
+
+
+def test_a_right_pose_from_a_wide_prior_stands_and_a_narrow_prior_pays_no_cross_check(room):
+    """Without repeated structure retrieval agrees, and the prior's pose is kept; a prior narrow enough for
+    the gate to vouch for its pose is not cross-checked. Mutation: the cross-check replacing an agreeing pose,
+    or run for every prior."""
+    scene, scene_map, images = room
+    wide = Refiner(scene_map, RefinementConfig()).refine(images[1], K, TRUTHS[1], WIDE)
+    assert wide.refined and wide.source == "prior" and [s for s, _ in wide.attempts] == ["prior", "retrieval"], wide.reason
+    narrow = Refiner(scene_map, RefinementConfig()).refine(images[1], K, TRUTHS[1], PRIOR_COV)
+    assert narrow.refined and [s for s, _ in narrow.attempts] == ["prior"], narrow.attempts
