@@ -149,7 +149,8 @@ class RefinementConfig(GeometricSettings):
             with retrieval's; where the two disagree, the pose of more inliers stands. Repeated
             structure (two identical doors 1 m apart) gives a wrong pose of 81 inliers from the
             keyframes that see the other door, where the right keyframes give 223
-            (bench/RESULTS.md). Costs a retrieval (~30 ms) on such frames; needs ``retrieval``.
+            (bench/RESULTS.md). Costs a retrieval on such frames (~50 ms on 2 cores with a 2000-feature
+            depth map, ~350 ms with a 4000-feature triangulated one); needs ``retrieval``.
         confirm_few_inliers: a pose with at least ``min_inliers`` but fewer than
             ``retrieval_min_inliers`` inliers, where only those would do (retrieval, a wide
             prior), is accepted when an independent set of keyframes gives the same pose
