@@ -100,15 +100,20 @@ def test_initial_pose_once_waits_for_a_subscriber_then_seeds_once(start, scene):
     assert r.probe.send(image_msg(scene.images[0], r.stamp()))  # nobody listens yet: not seeded, not spent
     r.listen_to_initial_pose()
     stamps = []
-    for rgb in scene.images[1:4]:
+
+    def seeded_after_one_more_frame() -> bool:
         stamps.append(r.stamp())
-        assert r.probe.send(image_msg(rgb, stamps[-1]))
-    assert wait_for(lambda: len(r.initial_poses) >= 1)
+        assert r.probe.send(image_msg(scene.images[1 + len(stamps) % 3], stamps[-1]))
+        return wait_for(lambda: len(r.initial_poses) >= 1, 2.0)
+
+    # The node seeds with the first frame it answers once it has discovered the subscriber: under load that
+    # can take a frame or two after ours is up (the test's node sees the publisher, not the other way round).
+    assert any(seeded_after_one_more_frame() for _ in range(10)), "never seeded with a subscriber listening"
     assert r.probe.send(image_msg(scene.images[4], r.stamp()))  # seeds come before the next frame's answer
     assert not wait_for(lambda: len(r.initial_poses) > 1, 0.5), "initial_pose once seeded more than once"
     seed = r.initial_poses[0]
-    assert seed.header.frame_id == "map" and seed.header.stamp == stamps[0]
-    pose = r.probe.poses_cov[stamp_key(stamps[0])]  # the full 3-D base pose of that frame
+    assert seed.header.frame_id == "map" and seed.header.stamp in stamps  # never the frame nobody heard
+    pose = r.probe.poses_cov[stamp_key(seed.header.stamp)]  # the full 3-D base pose of that frame
     T_seed, T_base = messages.matrix_from_pose_msg(seed.pose.pose), messages.matrix_from_pose_msg(pose.pose.pose)
     np.testing.assert_allclose(T_seed[:2, 3], T_base[:2, 3], atol=1e-9)
     assert T_seed[2, 3] == 0.0 and abs(T_base[2, 3]) > 0.5  # planar for AMCL; the camera is ~1 m up
