@@ -369,7 +369,7 @@ class Refiner:
 
         tried: list[int] = []
         attempts: list[tuple[str, list[int]]] = []
-        retrieve = lambda: self._retrieve(rgb, query, tried, timing)  # noqa: E731
+        retrieve = lambda candidates=None: self._retrieve(rgb, query, tried, timing, candidates)  # noqa: E731
         attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
             source, keyframes, query, K, size, prior_T, prior_covariance, timing, tried, previous, attempts)
         followed = self._follow(tracked, query, K, size, timing, tried, attempts)
@@ -394,7 +394,7 @@ class Refiner:
         if not outcome["ok"] and not outcome.get("gated") and candidates:
             outcome = self._confirm_candidates(candidates, outcome, attempt, tried, K, size)
         if cfg.retrieval and cfg.search_candidates and _other_keyframes_may_help(outcome):
-            outcome = self._search(rgb, query, outcome, attempt, tried, K, size, timing)
+            outcome = self._search(outcome, attempt, retrieve, tried, K, size)
         timing["total"] = (time.perf_counter() - start) * 1e3
         return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
 
@@ -629,17 +629,16 @@ class Refiner:
         return {**other, "reason": f"{other['reason']}; it replaces the pose of the prior's keyframes, {moved:.2f} m away "
                                    f"with {found['inliers']} inliers (repeated structure)"}
 
-    def _search(self, rgb, query: "_Query", failed: dict, attempt, tried: list[int], K, size, timing) -> dict:
+    def _search(self, failed: dict, attempt, retrieve, tried: list[int], K, size) -> dict:
         """The last resort (``search_candidates``): the untried keyframes that match the image best; the
         pose they give stands only if independent keyframes give the same pose (:meth:`_confirm_candidates`):
         the next best by their matches (``retrieval_confirms``), else the keyframes around it."""
-        search = lambda: self._retrieve(rgb, query, tried, timing, self.config.search_candidates)  # noqa: E731
-        found = attempt("search", search(), previous=failed)
+        found = attempt("search", retrieve(self.config.search_candidates), previous=failed)
         if not found["ok"] and found.get("unvouched") is None:
             return found
         candidates = [found]
         if self.config.retrieval_confirms:
-            again = attempt("search", search())
+            again = attempt("search", retrieve(self.config.search_candidates))
             if again["ok"] or again.get("unvouched") is not None:
                 candidates.append(again)
         failed = {**failed, "reason": f"{failed['reason']}; the search found a pose ({found['reason']})"}
