@@ -110,7 +110,8 @@ def bench_hololens(args, config: RefinementConfig) -> None:
                f"_d{args.min_distance:g}_a{args.min_angle:g}{suffix}")
         name = f"{points} ({tag})"
         maps[name], figures[name] = cached_map(args.work / f"hololens_{points}_{tag}{map_code_tag(points)}.npz", HOLOLENS, features, points,
-                                               calibrate_frames=args.calibrate, spacing=spacing, allowed=allowed)
+                                               calibrate_frames=args.calibrate, spacing=spacing, allowed=allowed,
+                                               calibrate_split=args.calibrate_split)
         if args.vocabulary or args.recall:
             start = time.perf_counter()
             if args.vocabulary:  # instead of the package's
@@ -270,7 +271,10 @@ def main(argv=None) -> int:
     p.add_argument("--contrast-threshold", type=float, default=None, help="default: build-map's for the map's point source")
     p.add_argument("--min-distance", type=float, default=build_map_cli.get_default("min_distance"), help="keyframe spacing (m), as build-map")
     p.add_argument("--min-angle", type=float, default=build_map_cli.get_default("min_angle"), help="keyframe spacing (deg), as build-map")
-    p.add_argument("--calibrate", type=int, default=20, help="held-out training frames for the covariance scale")
+    p.add_argument("--calibrate", type=int, default=build_map_cli.get_default("calibrate"),
+                   help="training frames that calibrate the map's covariance and focal scatter, as build-map")
+    p.add_argument("--calibrate-split", default=build_map_cli.get_default("calibrate_split"),
+                   choices=("auto", "sequences", "blocks", "between-keyframes"), help="as build-map's")
     p.add_argument("--refine-config", type=Path, help="RefinementConfig YAML (default: the defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RefinementConfig overrides")
     p.add_argument("--vocabulary", metavar="WORDS:SAMPLE",

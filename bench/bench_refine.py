@@ -42,7 +42,7 @@ from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose, pose_difference  # noqa: E402
 from ros2_posenet.geometric.scene_map import SceneMap, filter_by_agreement, select_keyframes  # noqa: E402
 from ros2_posenet.geometric.map_builder import (  # noqa: E402
-    build_scene_map, calibrate, held_out_indices, open_dataset, pose_matrix, shifted_depth_lift_factory,
+    build_scene_map, calibrate_held_out, open_dataset, pose_matrix, shifted_depth_lift_factory,
 )
 
 SECTIONS = ("accuracy", "solvers", "misregistered", "timing", "speed")
@@ -57,11 +57,12 @@ def ensure_scene(root: Path, config: SyntheticSceneConfig) -> Path:
 
 def cached_map(path: Path, root: Path, features: FeatureConfig, points="depth", lift_factory=None, agreement=1,
                calibrate_frames=40, base: Path | None = None, spacing: tuple[float, float] = (0.25, 15.0),
-               allowed: np.ndarray | None = None) -> tuple[SceneMap, dict]:
+               allowed: np.ndarray | None = None, calibrate_split: str = "between-keyframes") -> tuple[SceneMap, dict]:
     """Build (or reload) a map of ``root``'s training images; returns it and its build figures.
 
     With ``base`` (a cached map file) and ``agreement`` > 1 the map is that one, filtered.
     ``spacing``: keyframe spacing (metres, degrees); ``allowed``: the training images that may become keyframes (default: all).
+    ``calibrate_split``: how the covariance is calibrated (:func:`calibrate_held_out`; build-map's default is ``auto``).
     """
     if path.is_file():
         scene_map = SceneMap.load(path)
@@ -79,7 +80,8 @@ def cached_map(path: Path, root: Path, features: FeatureConfig, points="depth", 
     if agreement > 1:
         scene_map = filter_by_agreement(scene_map, min_views=agreement)
     seconds = time.perf_counter() - start
-    calibration = calibrate(scene_map, train, held_out_indices(len(train), keyframes, calibrate_frames)) if calibrate_frames else {}
+    calibration = (calibrate_held_out(scene_map, train, keyframes, calibrate_frames, calibrate_split) if calibrate_frames
+                   else {})
     scene_map.metadata["calibration"] = calibration
     scene_map.save(path)
     figures = {"keyframes": len(scene_map), "points": scene_map.num_points, "build_s": round(seconds, 1),

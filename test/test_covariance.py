@@ -130,10 +130,26 @@ def test_calibration_priors_are_as_wrong_as_the_refiner_assumes_a_prior_to_be():
     near = calibration_residuals(scene_map, samples, RefinementConfig(default_prior_std_m=0.05, default_prior_std_deg=1.0))
     assert near["frames"] == 3 and len(near["residuals"]) == 3
     assert np.abs(near["residuals"][:, :3]).max() < 0.05
+    assert near["focal_ratios"].shape == (3,) and np.abs(near["focal_ratios"] - 1).max() < 0.02  # the map's K is right
     lost = RefinementConfig(default_prior_std_m=20.0, default_prior_std_deg=1.0, max_correction_m=1.0)
     assert len(calibration_residuals(scene_map, samples, lost)["residuals"]) == 0
     # Explicit priors (as before issue 22: truth moved 0.3 m, 5°) are used whatever the config assumes.
     assert len(calibration_residuals(scene_map, samples, lost, prior_metres=0.05, prior_degrees=1.0)["residuals"]) == 3
+
+
+def test_the_focal_scatter_is_stored_only_where_enough_frames_estimated_it():
+    """Mutation: stored from a handful of ratios, or NaNs counted as estimates."""
+    from ros2_posenet.geometric.pnp import focal_scatter
+    from ros2_posenet.geometric.refiner import calibrate_covariance
+
+    rng = np.random.default_rng(0)
+    residuals, unit = rng.normal(0, 0.01, (12, 6)), np.broadcast_to(np.eye(6) * 1e-4, (12, 6, 6))
+    ratios = 1 + rng.normal(0, 0.03, 12)
+    stored = calibrate_covariance(residuals, unit, 12, focal_ratios=ratios)
+    assert stored["focal_scatter"] == pytest.approx(focal_scatter(ratios))
+    assert stored["median_focal_ratio"] == pytest.approx(float(np.median(ratios)))
+    assert "focal_scatter" not in calibrate_covariance(residuals, unit, 12, focal_ratios=np.append(ratios[:9], [np.nan] * 3))
+    assert "focal_scatter" not in calibrate_covariance(residuals, unit, 12)
 
 
 # ----------------------------------------------------------------------------- a misregistered map, end to end
@@ -191,6 +207,8 @@ def test_a_misregistered_map_calibrated_on_left_out_passes_covers_a_new_run(tmp_
 
     calibration = calibrate_held_out(scene_map, train, keyframes, 40)
     assert calibration["method"] == "leave-sequences-out" and calibration["folds"] == 2 and calibration["frames"] == 40
+    # How far right poses' focal estimates scatter on this map, for the focal check (a right K: median near 1).
+    assert abs(calibration["median_focal_ratio"] - 1) < 0.02 and 0 < calibration["focal_scatter"] < 0.05, calibration
     scene_map.metadata["calibration"] = calibration
     residuals, covariance = _published(scene_map, frames)
     new_inside = _inside_95(residuals, covariance)

@@ -243,7 +243,7 @@ def calibrate(scene_map: SceneMap, dataset, indices: np.ndarray, config: Refinem
     """The covariance model fitted on dataset images ``indices`` refined against the whole map
     (``between-keyframes``: flattering, as those images lie between the map's keyframes)."""
     data = calibration_residuals(scene_map, _samples(dataset, indices), config)
-    return calibrate_covariance(data["residuals"], data["unit"], data["frames"], "between-keyframes")
+    return calibrate_covariance(data["residuals"], data["unit"], data["frames"], "between-keyframes", data["focal_ratios"])
 
 
 def calibrate_held_out(scene_map: SceneMap, dataset, keyframes: np.ndarray, count: int, split: str = "auto",
@@ -264,7 +264,7 @@ def calibrate_held_out(scene_map: SceneMap, dataset, keyframes: np.ndarray, coun
         return calibrate(scene_map, dataset, held_out_indices(len(dataset), keyframes, count), config)
     used, parts = calibration_folds(sequence_ids(dataset), split, max(1, min(folds, count)), block)
     shares = np.diff(np.linspace(0, count, len(parts) + 1).round().astype(int))  # frames per fold, ``count`` in all
-    residuals, unit, frames = [], [], 0
+    residuals, unit, ratios, frames = [], [], [], 0
     for part, share in tqdm(list(zip(parts, shares)), desc="calibrate", unit="fold", disable=not progress, file=sys.stderr):
         drop = np.flatnonzero(np.isin(keyframes, part))
         if len(drop) == len(scene_map):  # the whole map is in this part: nothing to refine against
@@ -274,7 +274,9 @@ def calibrate_held_out(scene_map: SceneMap, dataset, keyframes: np.ndarray, coun
         data = calibration_residuals(reduced, _samples(dataset, chosen), config)
         residuals.append(data["residuals"])
         unit.append(data["unit"])
+        ratios.append(data["focal_ratios"])
         frames += data["frames"]
     calibration = calibrate_covariance(np.concatenate(residuals) if residuals else np.zeros((0, 6)),
-                                       np.concatenate(unit) if unit else np.zeros((0, 6, 6)), frames, f"leave-{used}-out")
+                                       np.concatenate(unit) if unit else np.zeros((0, 6, 6)), frames, f"leave-{used}-out",
+                                       np.concatenate(ratios) if ratios else None)
     return {**calibration, "folds": len(residuals), **({"block": int(max(len(p) for p in parts))} if used == "blocks" else {})}

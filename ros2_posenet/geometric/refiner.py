@@ -66,8 +66,8 @@ from ..preprocess import check_rgb_image
 from .features import detect_features, match_features, query_feature_config
 from .matching import guided_matches
 from .pnp import (
-    SOLVERS, FocalHistory, estimate_focal_ratio, geometric_covariance, mahalanobis, pose_difference, require_solver,
-    solve_absolute_pose,
+    SOLVERS, FocalHistory, estimate_focal_ratio, focal_scatter, geometric_covariance, mahalanobis, pose_difference,
+    require_solver, solve_absolute_pose,
 )
 from .scene_map import SceneMap
 from .settings import GeometricSettings
@@ -164,7 +164,9 @@ class RefinementConfig(GeometricSettings):
             imply (pose and focal estimated together) and K's before the frame falls back
             with failure ``calibration`` (it must also exceed ``gate_sigma`` standard
             deviations of that estimate, inflated by the spread of the recent frames'
-            estimates, :class:`FocalHistory`); 0: no check. Needs pycolmap.
+            estimates and, once there are enough of them, at least the place-to-place scatter of
+            right poses' estimates that the map's calibration measured (``focal_scatter``),
+            :class:`FocalHistory`); 0: no check. Needs pycolmap.
         guided_matching: when a pose is found with at least ``guided_min_inliers`` but
             fewer than the inliers needed, the 3D points of the ``2 × keyframes`` keyframes
             nearest to it are projected into the image and matched within
@@ -323,6 +325,8 @@ class Refiner:
         self.covariance_model = map_covariance_model(scene_map, self.config)
         self._focal_check = bool(self.config.max_focal_error)
         self._focal_history = FocalHistory()
+        # How far right poses' focal estimates scatter on this map (its calibration measured it; 0: an older map).
+        self._focal_scatter = float((scene_map.metadata.get("calibration") or {}).get("focal_scatter") or 0.0)
         self._query_features = query_feature_config(scene_map.feature_config, self.config.query_max_image_size)
         if prepare:
             self.prepare_retrieval()
@@ -592,7 +596,7 @@ class Refiner:
         outcome["focal_ratio"] = ratio
         if not math.isfinite(ratio):
             return ""
-        return self._focal_history.verdict(K, ratio, std, inliers, cfg.max_focal_error, cfg.gate_sigma)
+        return self._focal_history.verdict(K, ratio, std, inliers, cfg.max_focal_error, cfg.gate_sigma, self._focal_scatter)
 
     def _confirm_refused(self, gated: dict, attempt, retrieve, tried: list[int]) -> dict:
         """Accept a pose the gate refused when keyframes that did not produce it give the same pose.
@@ -801,14 +805,20 @@ def calibration_residuals(scene_map: SceneMap, samples: Iterable[tuple[np.ndarra
     (synthetic 600-frame scene, regressor priors: keyframes 0.55 m away instead of 0.27 m, 88 %
     of refined frames inside the 6-DoF 95 % bound of a map calibrated with 0.3 m priors).
 
+    The focal length each refined pose's matches imply is estimated as the focal check does, but
+    never refused (these images share the map's own K): how far it scatters on right poses is what
+    the check must read a frame by (:func:`~.pnp.focal_scatter`).
+
     Returns:
-        ``{"frames": int, "residuals": (M, 6) pose_difference(refined, true), "unit": (M, 6, 6)}``.
+        ``{"frames": int, "residuals": (M, 6) pose_difference(refined, true), "unit": (M, 6, 6),
+        "focal_ratios": (M,)}`` (NaN where the focal check is off or found no estimate).
     """
     base = config or RefinementConfig()
-    refiner = Refiner(scene_map, base.replace(min_position_std=0.0, min_rotation_std_deg=0.0, retrieval=False))
+    refiner = Refiner(scene_map, base.replace(min_position_std=0.0, min_rotation_std_deg=0.0, retrieval=False,
+                                              max_focal_error=1e9 if base.max_focal_error else 0.0))  # estimated, never refused
     refiner.covariance_model = CovarianceModel()
     rng = np.random.default_rng(seed)
-    residuals, unit, frames = [], [], 0
+    residuals, unit, ratios, frames = [], [], [], 0
     for rgb, K, T_true in samples:
         frames += 1
         metres = prior_metres if prior_metres is not None else base.default_prior_std_m * float(np.linalg.norm(rng.normal(size=3)))
@@ -817,19 +827,24 @@ def calibration_residuals(scene_map: SceneMap, samples: Iterable[tuple[np.ndarra
         if result.refined:
             residuals.append(pose_difference(result.T, T_true))
             unit.append(result.covariance)
-    return {"frames": frames, "residuals": np.array(residuals).reshape(-1, 6), "unit": np.array(unit).reshape(-1, 6, 6)}
+            ratios.append(result.focal_ratio)
+    return {"frames": frames, "residuals": np.array(residuals).reshape(-1, 6), "unit": np.array(unit).reshape(-1, 6, 6),
+            "focal_ratios": np.array(ratios, np.float64)}
 
 
-def calibrate_covariance(residuals: np.ndarray, unit: np.ndarray, frames: int, method: str = "held-out images") -> dict:
+def calibrate_covariance(residuals: np.ndarray, unit: np.ndarray, frames: int, method: str = "held-out images",
+                         focal_ratios: np.ndarray | None = None) -> dict:
     """The map's ``calibration``: a :class:`CovarianceModel` fitted on held-out refinements.
 
     Args:
         residuals, unit: (M, 6), (M, 6, 6) of the refined held-out frames (:func:`calibration_residuals`).
         frames: held-out frames tried (refined or not); method: how they were held out (stored).
+        focal_ratios: the focal ratios of the refined frames (``calibration_residuals``), if any.
 
     Returns:
         ``{"method", "frames", "refined", "model", "covariance_scale", "median_position_m",
-        "median_rotation_deg", "fit"}``: ``fit`` holds the coverage of the fitted model on these
+        "median_rotation_deg", "fit"}``, and ``"focal_scatter"``, ``"median_focal_ratio"`` where at least 10
+        ratios were estimated (the focal check reads a frame by that scatter): ``fit`` holds the coverage of the fitted model on these
         frames (:func:`~ros2_posenet.covariance.calibration_metrics`); without a refined frame the
         model is the unit covariance. ``covariance_scale`` (the position scale) is kept for readers
         of older maps.
@@ -844,4 +859,13 @@ def calibrate_covariance(residuals: np.ndarray, unit: np.ndarray, frames: int, m
         "median_position_m": float(np.median(pos)) if len(pos) else float("nan"),
         "median_rotation_deg": float(np.median(rot)) if len(rot) else float("nan"),
         "fit": fit,
+        **_focal_calibration(focal_ratios),
     }
+
+
+def _focal_calibration(ratios: np.ndarray | None) -> dict:
+    ratios = np.asarray([] if ratios is None else ratios, np.float64)
+    ratios = ratios[np.isfinite(ratios)]
+    if len(ratios) < 10:  # too few to say how they scatter: the check reads frames by their own σ
+        return {}
+    return {"focal_scatter": focal_scatter(ratios), "median_focal_ratio": float(np.median(ratios))}

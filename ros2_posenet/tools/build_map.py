@@ -150,6 +150,9 @@ def describe_calibration(calibration: dict) -> str:
     if fit:
         line += (f"; inside the 95 % bound there: position {fit['position_within_95']:.0%}, rotation "
                  f"{fit['rotation_within_95']:.0%}, 6-DoF {fit['joint_within_95']:.0%}")
+    if "focal_scatter" in calibration:
+        line += (f"; their focal estimates {calibration['median_focal_ratio']:.3f}x K's, scattering "
+                 f"±{calibration['focal_scatter']:.1%} (the focal check reads a frame by that)")
     return line
 
 

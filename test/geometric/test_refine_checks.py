@@ -116,6 +116,39 @@ def test_focal_history_reads_a_frames_sigma_as_the_recent_frames_say_it_is_worth
     assert "this image" in history.verdict(K, 0.909, 0.003, 250, 0.02, 4.0)
 
 
+def test_focal_history_reads_a_frame_by_the_maps_place_to_place_scatter_once_it_has_a_history():
+    """A stream's recent frames share their map points and sit within ±1 % of each other; a right frame elsewhere
+    on the walk implied 0.919 at ±1.9 % (hololens-office, 30 inliers, 3 cm off the truth) and was refused. The map's
+    calibration measured how far right poses scatter from place to place (±4.1 % there): read by it, the frame is
+    accepted. Before the history forms a frame is still read by its own σ (a wrong K is refused from the first
+    frame), and the consensus still refuses a consistently wrong K. Mutation: the scatter ignored; the scatter also
+    applied without a history; the consensus read by the scatter."""
+    rng = np.random.default_rng(3)
+    stream = [(float(r), 0.006) for r in 1.0 + rng.normal(0, 0.005, 12)]
+    plain, read_by_map = FocalHistory(), FocalHistory()
+    for ratio, std in stream:
+        assert plain.verdict(K, ratio, std, 100, 0.02, 4.0) == ""
+        assert read_by_map.verdict(K, ratio, std, 100, 0.02, 4.0, scatter=0.041) == ""
+    assert "this image" in plain.verdict(K, 0.919, 0.019, 30, 0.02, 4.0)
+    assert read_by_map.verdict(K, 0.919, 0.019, 30, 0.02, 4.0, scatter=0.041) == ""
+    assert "this image" in read_by_map.verdict(K, 0.585, 0.034, 83, 0.02, 4.0, scatter=0.041)  # a chance pose's
+    assert "this image" in FocalHistory().verdict(K, 0.919, 0.019, 30, 0.02, 4.0, scatter=0.041)  # no history yet
+    wrong = FocalHistory()  # K 10 % off, noisy frames: the first ones alone, then the consensus
+    verdicts = [wrong.verdict(K, float(r), 0.006, 100, 0.02, 4.0, scatter=0.041) for r in 0.909 + rng.normal(0, 0.005, 30)]
+    assert all("calibration" in v for v in verdicts), [i for i, v in enumerate(verdicts) if not v]
+
+
+def test_focal_scatter_reads_the_tails_the_median_absolute_deviation_misses():
+    """Mutation: 1.4826 x MAD (here 1.3 %, where 15 % of the ratios lie 6-9 % off)."""
+    from ros2_posenet.geometric.pnp import focal_scatter
+
+    ratios = np.concatenate([1 + np.linspace(-0.015, 0.015, 34), [0.91, 0.92, 0.93, 1.06, 1.07, 1.08]])
+    assert focal_scatter(ratios) == pytest.approx(float(np.quantile(np.abs(ratios - np.median(ratios)), 0.9)) / 1.6449)
+    assert 0.025 < focal_scatter(ratios) < 0.05
+    assert focal_scatter(np.append(ratios, [np.nan, np.inf])) == pytest.approx(focal_scatter(ratios))
+    assert np.isnan(focal_scatter(np.array([np.nan])))
+
+
 @pytest.mark.parametrize("factor", [1.03, 1.1, 2.0])
 def test_focal_history_refuses_every_frame_of_a_wrong_calibration_however_long_the_stream(factor):
     """Each frame as the synthetic room gives it with K's focal ×factor (ratio 1/factor ±0.1 %, formal σ ±0.1 %):
