@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_refine import cached_map, errors, print_maps, summarize, test_frames  # noqa: E402
 from ros2_posenet.config_base import key_value  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
-from ros2_posenet.geometric.map_builder import map_feature_config, open_dataset  # noqa: E402
+from ros2_posenet.geometric.map_builder import CALIBRATION_SPLITS, map_feature_config, open_dataset  # noqa: E402
 from ros2_posenet.tools.build_map import build_parser as build_map_parser  # noqa: E402
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose  # noqa: E402
 from ros2_posenet.geometric.retrieval import VisualWords  # noqa: E402
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", type=int, default=build_map_cli.get_default("calibrate"),
                    help="training frames that calibrate the map's covariance and focal scatter, as build-map")
     p.add_argument("--calibrate-split", default=build_map_cli.get_default("calibrate_split"),
-                   choices=("auto", "sequences", "blocks", "between-keyframes"), help="as build-map's")
+                   choices=CALIBRATION_SPLITS, help="as build-map's")
     p.add_argument("--refine-config", type=Path, help="RefinementConfig YAML (default: the defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RefinementConfig overrides")
     p.add_argument("--vocabulary", metavar="WORDS:SAMPLE",

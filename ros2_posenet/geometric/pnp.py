@@ -329,7 +329,7 @@ class FocalHistory:
         std_read = std
         if len(previous) >= self.min_frames:
             z_spread = _robust_spread((previous[:, 0] - 1) / np.maximum(previous[:, 1], 1e-6))
-            std_read = max(math.hypot(std, _robust_spread(previous[:, 0])), std * max(1.0, z_spread), math.hypot(std, scatter))
+            std_read = max(math.hypot(std, max(_robust_spread(previous[:, 0]), scatter)), std * max(1.0, z_spread))
         deviation = abs(ratio - 1)
         fx = float(K[0, 0])
         if deviation > tolerance and deviation > sigmas * std_read:
