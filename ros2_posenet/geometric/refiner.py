@@ -144,6 +144,13 @@ class RefinementConfig(GeometricSettings):
             if ``retrieval_confirms``, else the keyframes around it), whatever its inliers: so wide a
             search meets chance poses of 50 inliers (bench/RESULTS.md). 0 or ``retrieval`` off: no
             search; each keyframe costs ~1.5 ms (2 cores).
+        search_alone_inliers: a searched pose of at least this many inliers stands without that
+            confirmation when the keyframes around it give no pose at all (they see too little of the
+            image: the searched keyframes were the only ones that do) and no other searched keyframes
+            gave another pose; keyframes that give another pose still refuse it (a misregistered part
+            of the map). 1.5× ``retrieval_min_inliers``: the most inliers a wrong searched pose had on
+            hololens-office's validation blocks was 53 (bench/RESULTS.md). 0: every searched pose needs
+            its confirmation; needs ``neighbourhood_confirms``.
         wide_prior_cross_check: a pose from the keyframes of a prior too wide for the gate to
             vouch for it (:meth:`Refiner._prior_is_wide`, a regressor's on real data) is compared
             with retrieval's; where the two disagree, the pose of more inliers stands. Repeated
@@ -202,6 +209,7 @@ class RefinementConfig(GeometricSettings):
     retrieval_candidates: int = Field(20, ge=0)
     retrieval_min_inliers: _PoseInliers = 50
     search_candidates: int = Field(250, ge=0)
+    search_alone_inliers: int = Field(75, ge=0)
     neighbourhood_confirms: bool = True
     retrieval_confirms: bool = True
     confirm_few_inliers: bool = True
@@ -664,6 +672,10 @@ class Refiner:
             around = attempt("neighbourhood", self._around(best["T"], tried))
             if (around["ok"] or around.get("unvouched") is not None) and self._agree(best, around):
                 confirmed, how = around, f"the keyframes around it give the same pose ({around['reason']})"
+            elif self._stands_alone(best, candidates, around):
+                return {**best, "reason": f"{best['reason']}; it stands alone: {best['inliers']} inliers "
+                                          f"(search_alone_inliers {self.config.search_alone_inliers}), and the keyframes "
+                                          f"around it see too little to confirm or contradict it ({around['reason']})"}
             else:
                 found = (f"gave another pose, {np.linalg.norm(pose_difference(around['T'], best['T'])[:3]):.2f} m away"
                          if around.get("T") is not None else f"did not confirm it ({around['reason']})")
@@ -675,6 +687,14 @@ class Refiner:
         if calibration:
             return {**chosen, "ok": False, "reason": calibration, "failure": FAILURE_CALIBRATION}
         return {**chosen, "ok": True, "failure": "", "reason": f"{best['reason']}; {how}"}
+
+    def _stands_alone(self, best: dict, candidates: list[dict], around: dict) -> bool:
+        """Whether a searched pose of ``search_alone_inliers`` or more stands unconfirmed: the keyframes around it
+        found no pose (too few inliers, or none left) and every other candidate that found one agrees with it."""
+        alone = self.config.search_alone_inliers
+        return (best["ok"] and best["source"] == "search" and 0 < alone <= best["inliers"]
+                and around.get("T") is None and around["failure"] in (FAILURE_TOO_FEW_INLIERS, FAILURE_NO_KEYFRAMES)
+                and all(other.get("T") is None or self._agree(best, other) for other in candidates[1:]))
 
     def _agree(self, a: dict, b: dict) -> bool:
         """Whether two poses are the same within ``gate_sigma`` of their summed covariances."""

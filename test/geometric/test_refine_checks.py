@@ -394,16 +394,65 @@ def test_the_search_finds_the_keyframes_the_bag_of_words_missed_and_independent_
 def test_a_searched_pose_of_many_inliers_falls_back_when_the_keyframes_around_it_disagree(room):
     """The searched keyframes' points sit 0.4 m off: their pose is consistent, made of more inliers than
     retrieval needs, and wrong; the next best keyframes and those around it give the true pose, so the frame
-    falls back.
-    Mutation: a searched pose of ``retrieval_min_inliers`` accepted without its confirmation."""
+    falls back, even where its inliers would let it stand alone (``search_alone_inliers``), and with
+    ``retrieval_confirms`` off, where only the keyframes around it say so.
+    Mutation: a searched pose of ``retrieval_min_inliers`` accepted without its confirmation, or standing alone
+    although the next best keyframes or those around it give another pose."""
     scene, scene_map, images = room
     searched = Refiner(_misranking(scene_map, TRUTHS[2]), SEARCH).refine(images[2], K, None).attempts[1][1]
     shifted = [p + np.float32([0.4, 0.0, 0.0]) if i in searched else p for i, p in enumerate(scene_map.points3d)]
-    result = Refiner(_misranking(scene_map, TRUTHS[2], shifted), SEARCH).refine(images[2], K, None)
+    for settings in (SEARCH, SEARCH.replace(retrieval_confirms=False)):
+        settings = settings.replace(search_alone_inliers=SEARCH.retrieval_min_inliers)
+        result = Refiner(_misranking(scene_map, TRUTHS[2], shifted), settings).refine(images[2], K, None)
+        assert result.status == "fallback", result.reason
+        inliers = int(result.reason.split("the search found a pose (")[1].split(" inliers")[0])
+        assert inliers >= SEARCH.retrieval_min_inliers, result.reason
+        assert "the keyframes around the best pose gave another pose, 0.4" in result.reason
+
+
+def _only_keyframes(scene_map: SceneMap, keep) -> SceneMap:
+    """The map with every keyframe but ``keep`` emptied of features and points (they see nothing of any image)."""
+    def emptied(per_keyframe):
+        return [a if i in keep else a[:0] for i, a in enumerate(per_keyframe)]
+    return replace(scene_map, keypoints=emptied(scene_map.keypoints), descriptors=emptied(scene_map.descriptors),
+                   points3d=emptied(scene_map.points3d),
+                   point_info={name: emptied(arrays) for name, arrays in scene_map.point_info.items()})
+
+
+def test_a_searched_pose_of_many_inliers_stands_alone_where_no_other_keyframes_see_the_image(room):
+    """Only the searched keyframes see the image (on a real walk: the keyframes around a hard frame see too
+    little of it): nothing can confirm the pose and nothing contradicts it, so from ``search_alone_inliers`` it
+    stands. Mutation: ``search_alone_inliers: 0``, or a threshold above its inliers (the frame falls back), or
+    standing alone whatever the keyframes around it say (the 0.4 m test above)."""
+    scene, scene_map, images = room
+    searched = Refiner(_misranking(scene_map, TRUTHS[2]), SEARCH).refine(images[2], K, None).attempts[1][1]
+    alone = _misranking(_only_keyframes(scene_map, set(searched)), TRUTHS[2])
+    result = Refiner(alone, SEARCH.replace(search_alone_inliers=SEARCH.retrieval_min_inliers)).refine(images[2], K, None)
+    assert result.refined and result.source == "search" and "it stands alone" in result.reason, result.reason
+    assert result.inliers >= SEARCH.retrieval_min_inliers
+    error = pose_difference(result.T, TRUTHS[2])
+    assert np.linalg.norm(error[:3]) < 0.03 and np.degrees(np.linalg.norm(error[3:])) < 0.5
+    for threshold in (0, result.inliers + 1):
+        refused = Refiner(alone, SEARCH.replace(search_alone_inliers=threshold)).refine(images[2], K, None)
+        assert refused.status == "fallback" and "the keyframes around the best pose did not confirm it" in refused.reason, \
+            refused.reason
+
+
+def test_a_searched_pose_does_not_stand_alone_when_the_next_searched_keyframes_give_another_pose(room):
+    """Only the searched keyframes and the next best by their matches see the image; the first sit 0.4 m off.
+    The keyframes around the pose see nothing, but the two searched sets disagree, so the frame falls back.
+    Mutation: standing alone whatever the other searched keyframes say."""
+    scene, scene_map, images = room
+    attempts = Refiner(_misranking(scene_map, TRUTHS[2]), SEARCH).refine(images[2], K, None).attempts
+    (_, searched), (_, following) = attempts[1], attempts[2]
+    shifted = replace(scene_map, points3d=[p + np.float32([0.4, 0.0, 0.0]) if i in searched else p
+                                           for i, p in enumerate(scene_map.points3d)])
+    both = _misranking(_only_keyframes(shifted, set(searched) | set(following)), TRUTHS[2])
+    settings = SEARCH.replace(search_alone_inliers=SEARCH.retrieval_min_inliers)
+    result = Refiner(both, settings).refine(images[2], K, None)
     assert result.status == "fallback", result.reason
-    inliers = int(result.reason.split("the search found a pose (")[1].split(" inliers")[0])
-    assert inliers >= SEARCH.retrieval_min_inliers, result.reason
-    assert "the keyframes around the best pose gave another pose, 0.4" in result.reason
+    assert [source for source, _ in result.attempts] == ["retrieval", "search", "search", "neighbourhood"], result.attempts
+    assert "the keyframes around the best pose did not confirm it" in result.reason
 
 
 def test_a_wide_priors_pose_from_repeated_structure_gives_way_to_retrievals_of_more_inliers(room):
