@@ -1,6 +1,6 @@
 """Geometric refinement of a pose prior against a scene map: features -> 2D–3D matches -> PnP-RANSAC.
 
-(About 670 lines: the refiner's attempts — prior, guided, retrieval, confirmations — share its
+(About 930 lines: the refiner's attempts — prior, guided, retrieval, confirmations — share its
 state and gate; the pose solvers, the geometric covariance and the focal check live in :mod:`.pnp`.)
 
 The regressor says *where to look*; this stage makes the answer precise and knows
@@ -63,7 +63,7 @@ from ..config_base import parse_yaml
 from ..covariance import CovarianceModel, calibration_metrics, fit_covariance_model
 from ..geometry import matrix_to_pose
 from ..preprocess import check_rgb_image
-from .features import detect_features, match_features, query_feature_config
+from .features import FeatureConfig, detect_features, match_features, query_feature_config
 from .matching import guided_matches
 from .pnp import (
     SOLVERS, FocalHistory, estimate_focal_ratio, focal_scatter, geometric_covariance, mahalanobis, pose_difference,
@@ -184,6 +184,13 @@ class RefinementConfig(GeometricSettings):
             map's ``FeatureConfig.max_image_size``). SIFT's time follows the pixel count: 560
             (the default) makes a 640x480 frame ~1.15x faster (>= 15 Hz on 2 cores) at the same
             accuracy; 480 ~1.4x, less accurate; larger images lose more (bench/RESULTS.md, issue 24 item 8).
+        retry_contrast_threshold: the last resort of a frame that saw the map with too few matches
+            or inliers (low texture, blur, dim light): its SIFT features are detected again at this
+            lower contrast threshold (more, weaker features) and every attempt, confirmation and the
+            search is made again from the same keyframes; the pose passes every check as usual. Not
+            after the gate or the focal check refused the frame (more features would
+            not change that). 0 (or ORB, or not below the map's threshold): off. Costs a second pass
+            on such frames only (about 1 s on 2 cores on hololens-office, search included).
         tracking_max_gap_s: an image stream's last verified pose is the first prior of its
             frames for this long (:class:`~.tracking.Track`, the node and relocalize-bag; 0: off).
         tracking_speed_m_s, tracking_turn_deg_s: the fastest the camera is expected to move and
@@ -223,6 +230,7 @@ class RefinementConfig(GeometricSettings):
     guided_window_px: float = Field(12.0, gt=0)
     guided_ratio: float = Field(0.9, gt=0, le=1)
     query_max_image_size: int = Field(560, ge=0)
+    retry_contrast_threshold: float = Field(0.01, ge=0, lt=1)
     tracking_max_gap_s: float = Field(1.0, ge=0)
     tracking_speed_m_s: float = Field(1.5, gt=0)
     tracking_turn_deg_s: float = Field(90.0, gt=0)
@@ -336,6 +344,7 @@ class Refiner:
         # How far right poses' focal estimates scatter on this map (its calibration measured it; 0: an older map).
         self._focal_scatter = float((scene_map.metadata.get("calibration") or {}).get("focal_scatter") or 0.0)
         self._query_features = query_feature_config(scene_map.feature_config, self.config.query_max_image_size)
+        self._retry_features = retry_feature_config(self._query_features, self.config.retry_contrast_threshold)
         if prepare:
             self.prepare_retrieval()
         if self._focal_check and self.config.solver != "pycolmap":
@@ -375,12 +384,30 @@ class Refiner:
         timing = {"features": 0.0, "matching": 0.0, "pose": 0.0}
         size = (rgb.shape[1], rgb.shape[0])
 
-        t0 = time.perf_counter()
-        query = _Query(*detect_features(rgb, self._query_features))
-        timing["features"] = (time.perf_counter() - t0) * 1e3
-
         tried: list[int] = []
         attempts: list[tuple[str, list[int]]] = []
+        outcome = self._refine_with(self._query_features, rgb, K, size, prior_T, prior_covariance, tracked, timing, tried, attempts)
+        if self._retry_features is not None and _weaker_features_may_help(outcome):
+            # The last resort: the image's weaker features too (low texture, blur), every attempt again, from the
+            # same keyframes (their matches change with the features).
+            tried_again: list[int] = []
+            again = self._refine_with(self._retry_features, rgb, K, size, prior_T, prior_covariance, tracked, timing,
+                                      tried_again, attempts)
+            tried.extend(tried_again)
+            retry = f"SIFT contrast threshold {self.config.retry_contrast_threshold:g}"
+            outcome = ({**again, "reason": f"{again['reason']} (features again at the {retry})"} if again["ok"] else
+                       {**outcome, "reason": f"{outcome['reason']}; features again at the {retry}: {again['reason']}"})
+        timing["total"] = (time.perf_counter() - start) * 1e3
+        return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
+
+    # ---- internals
+
+    def _refine_with(self, features, rgb, K, size, prior_T, prior_covariance, tracked, timing, tried, attempts) -> dict:
+        """Every attempt, confirmation and the search on ``rgb``'s features detected with ``features``: the outcome."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        query = _Query(*detect_features(rgb, features))
+        timing["features"] += (time.perf_counter() - t0) * 1e3
         retrieve = lambda candidates=None: self._retrieve(rgb, query, tried, timing, candidates)  # noqa: E731
         attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
             source, keyframes, query, K, size, prior_T, prior_covariance, timing, tried, previous, attempts)
@@ -407,10 +434,7 @@ class Refiner:
             outcome = self._confirm_candidates(candidates, outcome, attempt, tried, K, size)
         if cfg.retrieval and cfg.search_candidates and _other_keyframes_may_help(outcome):
             outcome = self._search(outcome, attempt, retrieve, tried, K, size)
-        timing["total"] = (time.perf_counter() - start) * 1e3
-        return self._result(outcome, prior_T, prior_covariance, timing, tried, attempts)
-
-    # ---- internals
+        return outcome
 
     def _follow(self, tracked: TrackedPrior | None, query: "_Query", K, size, timing, tried, attempts) -> dict | None:
         """The pose from the keyframes nearest the tracked prior, gated by it (None without a track)."""
@@ -769,6 +793,19 @@ def _other_keyframes_may_help(outcome: dict) -> bool:
     """Whether an attempt that failed leaves room for other keyframes: not refused by the gate (its own
     confirmations decide) nor by the focal check (K is wrong for every keyframe alike)."""
     return not outcome["ok"] and not outcome.get("gated") and outcome["failure"] != FAILURE_CALIBRATION
+
+
+def _weaker_features_may_help(outcome: dict) -> bool:
+    """Whether a failed frame may refine with more, weaker features: it saw the map with too few matches or
+    inliers (not refused by the gate or the focal check, which more features would not change)."""
+    return not outcome["ok"] and outcome["failure"] in (FAILURE_TOO_FEW_INLIERS, FAILURE_NO_FEATURES)
+
+
+def retry_feature_config(query_features: FeatureConfig, contrast_threshold: float) -> FeatureConfig | None:
+    """The query's features at a lower SIFT contrast threshold for a last try (None: off, not SIFT, or not lower)."""
+    if not contrast_threshold or query_features.type != "sift" or contrast_threshold >= query_features.contrast_threshold:
+        return None
+    return FeatureConfig.from_dict({**query_features.to_dict(), "contrast_threshold": contrast_threshold})
 
 
 def _correction(delta: np.ndarray) -> tuple[float, float]:

@@ -10,7 +10,7 @@ from ros2_posenet.geometric.features import FeatureConfig, detect_features, matc
 from ros2_posenet.geometric.pnp import FocalHistory
 from ros2_posenet.geometric.refiner import (
     FAILURE_CALIBRATION, FAILURE_INLIER_RATIO, FAILURE_MAX_CORRECTION, FAILURE_TOO_FEW_INLIERS, RefinementConfig, Refiner,
-    _Query, perturb_pose, pose_difference,
+    _Query, perturb_pose, pose_difference, retry_feature_config,
 )
 from ros2_posenet.geometric.scene_map import SceneMap
 
@@ -197,7 +197,8 @@ def test_max_correction_deg_caps_a_right_pose_and_is_not_confirmed_away(room):
 def test_retrieval_failure_without_a_prior_answers_the_best_keyframe_without_covariance(room):
     """Mutation: returning the last tried keyframe's pose, or a covariance, when nothing was found."""
     scene, scene_map, images = room
-    result = Refiner(scene_map, RefinementConfig(min_inliers=5000, retrieval_min_inliers=5000)).refine(images[0], K, None)
+    settings = RefinementConfig(min_inliers=5000, retrieval_min_inliers=5000, retry_contrast_threshold=0)
+    result = Refiner(scene_map, settings).refine(images[0], K, None)
     assert result.status == "fallback" and result.failure == FAILURE_TOO_FEW_INLIERS
     assert "too few inliers with the retrieved keyframes" in result.reason and "best retrieved keyframe" in result.reason
     assert result.covariance is None and result.source == "search"  # the last resort was tried too
@@ -368,8 +369,9 @@ def _misranking(scene_map: SceneMap, T: np.ndarray, points3d=None) -> SceneMap:
     return misranked
 
 
-# Retrieval tries the bag of words' best two keyframes; no guided matching, which can rescue a pose of 8 inliers.
-SEARCH = RefinementConfig(retrieval_keyframes=2, retrieval_candidates=0, guided_matching=False)
+# Retrieval tries the bag of words' best two keyframes; no guided matching, which can rescue a pose of 8 inliers,
+# and no second detection (its attempts would follow a fallback's).
+SEARCH = RefinementConfig(retrieval_keyframes=2, retrieval_candidates=0, guided_matching=False, retry_contrast_threshold=0)
 
 
 def test_the_search_finds_the_keyframes_the_bag_of_words_missed_and_independent_keyframes_confirm_it(room):
@@ -485,3 +487,48 @@ def test_a_right_pose_from_a_wide_prior_stands_and_a_narrow_prior_pays_no_cross_
     assert wide.refined and wide.source == "prior" and [s for s, _ in wide.attempts] == ["prior", "retrieval"], wide.reason
     narrow = Refiner(scene_map, RefinementConfig()).refine(images[1], K, TRUTHS[1], PRIOR_COV)
     assert narrow.refined and [s for s, _ in narrow.attempts] == ["prior"], narrow.attempts
+
+
+def _faded(rgb: np.ndarray, contrast: float) -> np.ndarray:
+    """``rgb`` with its contrast scaled by ``contrast`` about mid-grey (a dim, flat scene: fewer SIFT features pass)."""
+    return (rgb.astype(np.float32) * contrast + 128.0 * (1.0 - contrast)).round().astype(np.uint8)
+
+
+def test_a_faded_image_refines_with_its_weaker_features_as_a_last_resort(room):
+    """At a fifth of its contrast a frame keeps too few SIFT features at the map's threshold (0.02) for any pose;
+    detected again at ``retry_contrast_threshold`` (0.01) every attempt is made again, from the same keyframes,
+    and the pose is right: with a prior, without one, and where only the 4 keyframes nearest to it see anything
+    (the first pass tried them all). Mutation: no retry (0), or the retry's retrieval leaving out the keyframes the
+    first pass tried (the last case falls back)."""
+    scene, scene_map, images = room
+    faded = _faded(images[1], 0.2)
+    narrow = np.diag([0.05**2] * 3 + [np.radians(2.0) ** 2] * 3)
+    few = _only_keyframes(scene_map, set(scene_map.nearest_keyframes(TRUTHS[1], 4, 1.0, 60.0).tolist()))
+    for where, prior, covariance in ((scene_map, TRUTHS[1], narrow), (scene_map, None, None), (few, None, None)):
+        result = Refiner(where, RefinementConfig()).refine(faded, K, prior, covariance)
+        assert result.refined and "features again at the SIFT contrast threshold 0.01" in result.reason, result.reason
+        error = pose_difference(result.T, TRUTHS[1])
+        assert np.linalg.norm(error[:3]) < 0.03 and np.degrees(np.linalg.norm(error[3:])) < 0.5
+        off = Refiner(where, RefinementConfig(retry_contrast_threshold=0)).refine(faded, K, prior, covariance)
+        assert off.status == "fallback" and off.failure == FAILURE_TOO_FEW_INLIERS, off.reason
+        assert len(result.attempts) > len(off.attempts)  # the first pass's attempts, then the retry's
+
+
+def test_weaker_features_are_not_tried_where_more_features_cannot_help(room):
+    """A frame refused by the focal check (K 10 % off) is not detected again: more features would imply the same
+    focal length. Mutation: the retry after every failure (its attempts are repeated)."""
+    scene, scene_map, images = room
+    result = Refiner(scene_map, RefinementConfig()).refine(images[1], scaled(1.1), TRUTHS[1], PRIOR_COV)
+    off = Refiner(scene_map, RefinementConfig(retry_contrast_threshold=0)).refine(images[1], scaled(1.1), TRUTHS[1], PRIOR_COV)
+    assert result.failure == FAILURE_CALIBRATION and "features again" not in result.reason
+    assert result.attempts == off.attempts
+
+
+def test_the_retry_features_are_the_querys_at_a_lower_contrast_threshold_only():
+    """Mutation: a retry for ORB (no contrast threshold), at an equal or higher threshold, or with other settings changed."""
+    sift = FeatureConfig(max_features=2000, contrast_threshold=0.02, max_image_size=560)
+    retry = retry_feature_config(sift, 0.01)
+    assert retry.contrast_threshold == 0.01 and retry.replace(contrast_threshold=0.02) == sift
+    assert retry_feature_config(sift, 0) is None and retry_feature_config(sift, 0.02) is None
+    assert retry_feature_config(sift, 0.03) is None
+    assert retry_feature_config(FeatureConfig(type="orb"), 0.01) is None
