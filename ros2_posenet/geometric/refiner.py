@@ -141,8 +141,9 @@ class RefinementConfig(GeometricSettings):
             right keyframes of a hard real image can rank 20th-180th by the bag of words and 1st by
             matches. A pose found this way is accepted only when independent keyframes give the
             same pose (as ``confirm_few_inliers``: the next ``retrieval_keyframes`` by their matches
-            if ``retrieval_confirms``, else the keyframes around it), whatever its inliers: so wide a
-            search meets chance poses of 50 inliers (bench/RESULTS.md). 0 or ``retrieval`` off: no
+            if ``retrieval_confirms``, else the keyframes around it), whatever its inliers (unless it
+            stands alone, ``search_alone_inliers``): so wide a search meets chance poses of 50 inliers
+            (bench/RESULTS.md). 0 or ``retrieval`` off: no
             search; each keyframe costs ~1.5 ms (2 cores).
         search_alone_inliers: a searched pose of at least this many inliers stands without that
             confirmation when the keyframes around it give no pose at all (they see too little of the
@@ -668,7 +669,8 @@ class Refiner:
     def _search(self, failed: dict, attempt, retrieve, tried: list[int], K, size) -> dict:
         """The last resort (``search_candidates``): the untried keyframes that match the image best; the
         pose they give stands only if independent keyframes give the same pose (:meth:`_confirm_candidates`):
-        the next best by their matches (``retrieval_confirms``), else the keyframes around it."""
+        the next best by their matches (``retrieval_confirms``), else the keyframes around it; or, from
+        ``search_alone_inliers``, where nothing can confirm or contradict it (:meth:`_stands_alone`)."""
         found = attempt("search", retrieve(self.config.search_candidates), previous=failed)
         if not found["ok"] and found.get("unvouched") is None:
             return found
@@ -684,7 +686,8 @@ class Refiner:
         """Accept a pose of fewer inliers than its source needs when independent keyframes give the same pose.
 
         First two candidates from different keyframes that agree; else the keyframes around the
-        best candidate (none tried yet). A confirmed pose still passes the focal-length check.
+        best candidate (none tried yet). A confirmed pose still passes the focal-length check. A searched
+        pose that those keyframes neither confirm nor contradict may stand alone (:meth:`_stands_alone`).
         """
         candidates = sorted(candidates, key=lambda o: -o["inliers"])
         best, confirmed, how = candidates[0], None, ""
