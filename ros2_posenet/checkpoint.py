@@ -4,7 +4,8 @@ A checkpoint is a ``torch.save`` dict with a format tag and version, the model
 config and weights, the preprocessing, the loss config and state (learned ŝx, ŝq),
 the pose convention and map frame, the training config, the git revision and the
 covariance calibrated on held-out images. Optimiser/scheduler state is included
-for ``--resume`` only.
+for ``--resume`` only. An ensemble (``train.ensemble``) is one checkpoint whose ``model_state`` is
+its first network's and ``member_states`` the others' (:func:`save_ensemble`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .model import ModelConfig, PoseNet
+from .model import ModelConfig, PoseEnsemble, PoseNet
 from .preprocess import PreprocessConfig
 
 FORMAT = "ros2_posenet.checkpoint"
@@ -67,12 +68,39 @@ def save_checkpoint(
         "covariance": covariance,
         **(extra or {}),
     }
+    return _write(path, payload)
+
+
+def _write(path: str | os.PathLike, payload: dict) -> Path:
+    """``torch.save`` to a temp file, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def save_ensemble(path: str | os.PathLike, members: list[str | os.PathLike]) -> Path:
+    """One checkpoint of the networks in the ``members`` checkpoints (:class:`PoseEnsemble`).
+
+    Everything but the weights (preprocessing, covariance calibration, map frame, training
+    config) is the first member's; the others must share its network and preprocessing.
+    """
+    if len(members) < 2:
+        raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(members)}")
+    payloads = [load_checkpoint(m, setting="the ensemble's members") for m in members]
+    first = payloads[0]
+    for member, payload in zip(members[1:], payloads[1:]):
+        for key in ("model_config", "preprocess", "map_frame"):
+            if payload.get(key) != first.get(key):
+                raise CheckpointError(f"{member}'s {key} differs from {members[0]}'s: they cannot form one ensemble")
+        if payload.get("member_states"):
+            raise CheckpointError(f"{member} is an ensemble already")
+    ensemble = {k: v for k, v in first.items() if k != "resume"}
+    ensemble["member_states"] = [p["model_state"] for p in payloads[1:]]
+    ensemble["members"] = [str(m) for m in members]
+    return _write(path, ensemble)
 
 
 # How the node's users choose a checkpoint; command-line tools pass their option (e.g. "--checkpoint").
@@ -108,12 +136,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return payload
 
 
-def model_from_checkpoint(payload: dict, device: str | torch.device = "cpu") -> PoseNet:
-    """Rebuild the network of a loaded checkpoint, in eval mode on ``device``."""
+def model_from_checkpoint(payload: dict, device: str | torch.device = "cpu") -> PoseNet | PoseEnsemble:
+    """Rebuild the network of a loaded checkpoint (an ensemble's :class:`PoseEnsemble`), in eval mode on ``device``."""
+    states = [payload.get("model_state"), *(payload.get("member_states") or [])]
     try:
         config = ModelConfig.from_dict({**payload["model_config"], "pretrained": False})
-        model = PoseNet(config)
-        model.load_state_dict(payload["model_state"])
+        networks = []
+        for state in states:
+            networks.append(PoseNet(config))
+            networks[-1].load_state_dict(state)
+        model = networks[0] if len(networks) == 1 else PoseEnsemble(networks)
     except (TypeError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint weights do not fit the model they describe: {err}") from None
     return model.to(device).eval()

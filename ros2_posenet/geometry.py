@@ -40,6 +40,13 @@ def quat_canonical(q: torch.Tensor) -> torch.Tensor:
     return q * sign
 
 
+def quat_mean(q: torch.Tensor) -> torch.Tensor:
+    """Chordal mean of quaternions (M, …, 4) over the first axis: each turned into the first's hemisphere
+    (``q`` and ``-q`` are one rotation), averaged, normalised; (…, 4) in the ``w >= 0`` hemisphere."""
+    sign = torch.where((q * q[:1]).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(q.dtype)
+    return quat_canonical(quat_normalize((q * sign).mean(0)))
+
+
 def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Hamilton product ``a ⊗ b`` of (…, 4) quaternions (w, x, y, z)."""
     aw, ax, ay, az = a.unbind(-1)

@@ -29,7 +29,9 @@ interpolation and look better than deployment. The same held-out predictions sel
 With ``train.refit: true`` the validated run is followed by a refit on every training
 frame (``<train.out_dir>/refit/``), each stage stopped at the epoch validation chose and
 keeping the held-out covariance calibration, so no frame is lost to validation in the final
-model (see :mod:`ros2_posenet.training.run`).
+model; ``train.ensemble: N`` refits N networks of successive seeds and writes them as one
+checkpoint, ``<train.out_dir>/ensemble.pt``, that publishes their mean pose (see
+:mod:`ros2_posenet.training.run`).
 
 Under ``torchrun --nproc_per_node=N`` the same script trains with
 DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 validates and writes.

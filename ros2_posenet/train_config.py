@@ -186,6 +186,10 @@ class TrainSection(StrictModel):
     # whose best.pt checkpoints hold the held-out validation metrics and covariance.
     refit: bool = False
     calibrate_from: str | None = Field(None, min_length=1)
+    # ensemble: refit this many networks (seeds seed, seed + 1, ...; <out_dir>/refit, <out_dir>/refit-seed<N>)
+    # and publish their mean pose, <out_dir>/ensemble.pt. Needs refit: the validated run chose the epochs
+    # and calibrated the covariance (one network's: the mean of several errs less, so it is conservative).
+    ensemble: int = Field(1, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -239,6 +243,9 @@ class TrainConfig(StrictModel):
             raise ValueError("uncertainty.method mc_dropout needs model.dropout > 0 (or use fixed)")
         if self.uncertainty.method == "variance_head" and not self.model.variance_head:
             raise ValueError("uncertainty.method variance_head needs model.variance_head: true")
+        if self.train.ensemble > 1 and not self.train.refit:
+            raise ValueError(f"train.ensemble {self.train.ensemble} needs train.refit: true (the members retrace the "
+                             "epochs the validated run chose, on every frame)")
         if self.train.refit and self.data.val != "holdout":
             raise ValueError("train.refit needs data.val: holdout (it refits on the frames validation held out), "
                              f"got {self.data.val!r}")

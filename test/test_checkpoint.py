@@ -8,12 +8,13 @@ from ros2_posenet.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
+    save_ensemble,
 )
 from ros2_posenet.covariance import MIN_POSITION_STD, calibrate, covariance_matrix
 from ros2_posenet.geometry import quat_normalize
 from ros2_posenet.inference import NonFiniteOutputError, Relocalizer
 from ros2_posenet.losses import LearnedWeightingLoss
-from ros2_posenet.model import ModelConfig, PoseNet
+from ros2_posenet.model import ModelConfig, PoseEnsemble, PoseNet
 from ros2_posenet.preprocess import PreprocessConfig
 
 PRE = PreprocessConfig(resize=40, crop=32)
@@ -112,3 +113,40 @@ def test_calibrated_covariance_matches_residual_variance():
     assert cov.shape == (6, 6) and np.allclose(cov, cov.T)
     assert cov[3, 3] > 0  # floors keep the matrix positive definite
     assert covariance_matrix(None)[0, 0] > MIN_POSITION_STD**2
+
+
+def _member(tmp_path, seed, hidden_dim=16, name=None):
+    torch.manual_seed(seed)
+    model = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=hidden_dim)).eval()
+    cov = {"position_var": [0.04, 0.09, 0.01], "rotation_var": [1e-3, 2e-3, 3e-3], "samples": 10}
+    return save_checkpoint(tmp_path / (name or f"member{seed}.pt"), model, PRE, covariance=cov), model
+
+
+def test_an_ensemble_checkpoint_predicts_its_members_mean_through_the_relocalizer(tmp_path):
+    (a, net_a), (b, net_b) = _member(tmp_path, 0), _member(tmp_path, 1)
+    path = save_ensemble(tmp_path / "ensemble.pt", [a, b])
+    payload = load_checkpoint(path)
+    assert payload["members"] == [str(a), str(b)] and payload["covariance"] == load_checkpoint(a)["covariance"]
+    model = model_from_checkpoint(payload)
+    assert isinstance(model, PoseEnsemble) and len(model.members) == 2
+    reloc = Relocalizer(str(path), device="cpu", warmup=False)
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    pred = reloc.predict(rgb)
+    x = reloc.prepare(rgb)
+    with torch.no_grad():
+        (ta, qa), (tb, qb) = net_a(x), net_b(x)
+    np.testing.assert_allclose(pred.position, ((ta + tb) / 2)[0].numpy(), atol=1e-5)
+    assert not np.allclose(pred.position, ta[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.diag(pred.covariance)[:3], [0.04, 0.09, 0.01])  # the first member's calibration
+
+
+def test_an_ensemble_refuses_members_of_another_network_and_ensembles(tmp_path):
+    (a, _), (b, _) = _member(tmp_path, 0), _member(tmp_path, 1, hidden_dim=8)
+    with pytest.raises(CheckpointError, match="model_config differs"):
+        save_ensemble(tmp_path / "e.pt", [a, b])
+    with pytest.raises(CheckpointError, match="at least 2"):
+        save_ensemble(tmp_path / "e.pt", [a])
+    (c, _) = _member(tmp_path, 2)
+    nested = save_ensemble(tmp_path / "e.pt", [a, c])
+    with pytest.raises(CheckpointError, match="an ensemble already"):
+        save_ensemble(tmp_path / "e2.pt", [a, nested])

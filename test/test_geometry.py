@@ -40,6 +40,18 @@ def test_canonical_hemisphere_and_sign_invariant_error():
     assert g.rotation_error_deg(q, -q).max() < 1e-6
 
 
+def test_quat_mean_of_rotations_about_one_axis_is_the_middle_rotation_whatever_their_signs():
+    def about_z(deg):
+        a = math.radians(deg) / 2
+        return torch.tensor([math.cos(a), 0.0, 0.0, math.sin(a)], dtype=torch.float64)
+    pair = torch.stack([about_z(10.0), -about_z(50.0)])[:, None]  # (M=2, B=1, 4); -q is the same rotation
+    mean = g.quat_mean(pair)
+    assert mean.shape == (1, 4) and mean[0, 0] >= 0
+    assert g.rotation_error_deg(mean, about_z(30.0)[None]).item() == pytest.approx(0.0, abs=1e-6)
+    q = random_quats(7)
+    torch.testing.assert_close(g.quat_mean(torch.stack([q, -q, q])), q)
+
+
 def test_rotation_error_is_geodesic_angle():
     q1 = torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64)
     angle = math.radians(37.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ros2_posenet.backends import BackendUnavailableError, onnxruntime_providers, resolve_backend
-from ros2_posenet.checkpoint import save_checkpoint
+from ros2_posenet.checkpoint import save_checkpoint, save_ensemble
 from ros2_posenet.inference import Relocalizer
 from ros2_posenet.model import ModelConfig, PoseNet
 from ros2_posenet.preprocess import PreprocessConfig
@@ -62,6 +62,20 @@ def test_onnxruntime_backend_only_takes_uint8_crops(checkpoint, images):
     assert reloc.device.type == "cpu"
     with pytest.raises(BackendUnavailableError, match="forward_batch needs backend 'torch'"):
         reloc.forward_batch(reloc.prepare(images[0]))
+
+
+def test_an_ensemble_exports_to_onnxruntime_with_the_same_poses(checkpoint, images, tmp_path):
+    torch.manual_seed(1)
+    other = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=16))
+    ensemble = save_ensemble(tmp_path / "ensemble.pt", [checkpoint, save_checkpoint(
+        tmp_path / "other.pt", other, PreprocessConfig(resize=40, crop=32))])
+    eager = Relocalizer(str(ensemble), device="cpu").predict_batch(images)
+    onnx = Relocalizer(str(ensemble), device="cpu", backend="onnxruntime").predict_batch(images)
+    single = Relocalizer(str(checkpoint), device="cpu").predict_batch(images)
+    for a, b, s in zip(eager, onnx, single):
+        np.testing.assert_allclose(a.position, b.position, atol=1e-4)
+        np.testing.assert_allclose(a.quaternion, b.quaternion, atol=1e-4)
+        assert not np.allclose(a.position, s.position, atol=1e-3)  # the graph holds both networks
 
 
 def test_auto_backend_is_onnxruntime_on_cpu():

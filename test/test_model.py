@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from ros2_posenet.model import BACKBONES, ModelConfig, PoseNet
+from ros2_posenet.geometry import quat_mean
+from ros2_posenet.model import BACKBONES, ModelConfig, PoseEnsemble, PoseNet
 from ros2_posenet.preprocess import PreprocessConfig, Preprocessor
 
 
@@ -109,3 +110,41 @@ def test_preprocess_normalisation_and_bad_images():
         pre(np.zeros((32, 32, 3), np.float32))
     with pytest.raises(ValueError, match="crop"):
         PreprocessConfig(resize=32, crop=64)
+
+
+def _members(n=2, **config):
+    networks = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        networks.append(PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=16, **config)).eval())
+    return networks
+
+
+def test_an_ensemble_publishes_its_members_mean_pose():
+    members = _members(3, dropout=0.2, variance_head=True)
+    ensemble = PoseEnsemble(members).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        poses = [m(x) for m in members]
+        t, q = ensemble(x)
+        out = ensemble.uncertainty_outputs(x, 4)
+        _, _, log_variance = ensemble.forward_with_log_variance(x)
+    torch.testing.assert_close(t, torch.stack([p[0] for p in poses]).mean(0))
+    torch.testing.assert_close(q, quat_mean(torch.stack([p[1] for p in poses])))
+    assert not torch.allclose(t, poses[0][0])  # the members differ: the mean is not one of them
+    torch.testing.assert_close(out["t"], t)
+    torch.testing.assert_close(out["q"], q)
+    assert out["t_samples"].shape == (2, 12, 3) and out["q_samples"].shape == (2, 12, 4)  # 4 per member
+    variances = torch.stack([m.uncertainty_outputs(x)["log_variance"] for m in members]).exp()
+    torch.testing.assert_close(out["log_variance"].exp(), variances.mean(0))
+    torch.testing.assert_close(log_variance, out["log_variance"])
+    assert ensemble.config == members[0].config
+
+
+def test_an_ensemble_needs_two_networks_of_one_architecture():
+    with pytest.raises(ValueError, match="at least 2"):
+        PoseEnsemble(_members(1))
+    torch.manual_seed(0)
+    other = PoseNet(ModelConfig(backbone="resnet18", pretrained=False, hidden_dim=8))
+    with pytest.raises(ValueError, match="one ModelConfig"):
+        PoseEnsemble([_members(1)[0], other])

@@ -5,7 +5,10 @@ epoch, whether a fine-tuning stage is kept, and the covariance, those frames are
 final model. With ``train.refit`` the stages run a second time on *every* training frame
 (validation and split-gap frames included) into ``<out_dir>/refit``, each for the epochs
 validation chose on the same learning-rate schedule; the refit checkpoints carry the
-held-out covariance calibration and validation metrics of the validated run.
+held-out covariance calibration and validation metrics of the validated run. With
+``train.ensemble: N`` the refit trains N networks (seeds ``seed`` .. ``seed + N - 1``; the
+first in ``refit``, the others in ``refit-seed<S>``) and writes them as one checkpoint,
+``<out_dir>/ensemble.pt``, whose pose is their mean (:class:`~ros2_posenet.model.PoseEnsemble`).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, save_ensemble
 from ..metrics import METHOD_MEAN, METHOD_MODEL
 from ..train_config import ConfigError, did_you_mean, validate_config
 from .runtime import Dist, seed_everything
@@ -26,6 +29,7 @@ from .trainer import Trainer
 log = logging.getLogger(__name__)
 
 REFIT_FOLDER = "refit"
+ENSEMBLE_FILE = "ensemble.pt"
 
 
 def selected_epochs(out_dir: Path, stage_names: list[str]) -> dict[str, int]:
@@ -33,12 +37,15 @@ def selected_epochs(out_dir: Path, stage_names: list[str]) -> dict[str, int]:
     return {name: int(load_checkpoint(out_dir / name / "best.pt")["epoch"]) for name in stage_names}
 
 
-def refit_config(cfg: dict, epochs: dict[str, int]) -> dict:
-    """The config of the refit pass of the validated run ``cfg`` whose stages chose ``epochs``."""
+def refit_config(cfg: dict, epochs: dict[str, int], member: int = 0) -> dict:
+    """The config of the refit pass of the validated run ``cfg`` whose stages chose ``epochs``
+    (of its ensemble's ``member``-th network: seed ``train.seed + member``)."""
     refit = copy.deepcopy(cfg)
     out_dir = Path(cfg["train"]["out_dir"])
+    seed = cfg["train"]["seed"] + member
+    folder = REFIT_FOLDER if member == 0 else f"{REFIT_FOLDER}-seed{seed}"
     refit["data"]["val"] = "none"
-    refit["train"].update(refit=False, calibrate_from=str(out_dir), out_dir=str(out_dir / REFIT_FOLDER))
+    refit["train"].update(refit=False, ensemble=1, seed=seed, calibrate_from=str(out_dir), out_dir=str(out_dir / folder))
     for stage in refit["stages"]:
         stage["stop_after"] = epochs[stage["name"]]
     return validate_config(refit)
@@ -75,6 +82,28 @@ def _run_stages(cfg: dict, dist_info: Dist, resume_payload: dict | None, only_st
     return trainer, results, results[names[indices[-1]]]["best"]
 
 
+def _refit(cfg: dict, trainer: Trainer, dist_info: Dist, epochs: dict[str, int], test_at_end: bool) -> tuple[dict, str]:
+    """The refit of the validated run ``cfg`` (each of its ensemble's networks): the first network's
+    per-stage results and the final checkpoint (the ensemble's, where there are several)."""
+    members = cfg["train"]["ensemble"]
+    finals, first_results = [], {}
+    for member in range(members):
+        _, results, final = _run_stages(refit_config(cfg, epochs, member), dist_info, None, None)
+        first_results = first_results or results
+        finals.append(final)
+    if members == 1:
+        return first_results, finals[0]
+    if test_at_end:
+        _report_test(trainer, finals[0], " (the ensemble's first network)")
+    ensemble = trainer.out_dir / ENSEMBLE_FILE
+    if dist_info.main:
+        save_ensemble(ensemble, finals)
+        seeds = f"{cfg['train']['seed']}..{cfg['train']['seed'] + members - 1}"
+        trainer.say(f"ensemble of {members} networks (seeds {seeds}), their mean pose -> {ensemble}")
+    dist_info.barrier()
+    return first_results, str(ensemble)
+
+
 def _report_test(trainer: Trainer, checkpoint: str, label: str) -> dict | None:
     test = trainer.test_report(checkpoint)
     if test is not None:
@@ -98,7 +127,8 @@ def run_training(config: dict, resume: str | os.PathLike | None = None, only_sta
         holds the final checkpoint's test-split errors and the mean-pose baseline's (rank 0
         with ``train.test_at_end``; else None). With ``train.refit`` also ``"validated"``: the
         validated run's ``{"checkpoint", "stages", "test"}``; ``checkpoint``, ``stages`` and
-        ``test`` are then the refit's.
+        ``test`` are then the refit's (``checkpoint``: ``<out_dir>/ensemble.pt`` with ``train.ensemble`` > 1,
+        ``stages``: its first network's).
     """
     cfg = validate_config(config)
     names = [s["name"] for s in cfg["stages"]]
@@ -122,9 +152,10 @@ def run_training(config: dict, resume: str | os.PathLike | None = None, only_sta
             test = _report_test(trainer, final, " (validated run)") if test_at_end else None
             validated = {"checkpoint": final, "stages": results, "test": test}
             dist_info.barrier()  # every rank reads the chosen epochs from rank 0's checkpoints
-            refit_cfg = refit_config(cfg, selected_epochs(trainer.out_dir, names))
-            _, results, final = _run_stages(refit_cfg, dist_info, None, None)
-        test = _report_test(trainer, final, " (refit on every frame)" if validated else "") if test_at_end else None
+            results, final = _refit(cfg, trainer, dist_info, selected_epochs(trainer.out_dir, names), test_at_end)
+        members = cfg["train"]["ensemble"]
+        label = "" if validated is None else " (refit on every frame)" if members == 1 else f" (ensemble of {members} refits)"
+        test = _report_test(trainer, final, label) if test_at_end else None
         dist_info.barrier()
         result = {
             "out_dir": str(trainer.out_dir), "checkpoint": final, "stages": results,

@@ -202,6 +202,9 @@ class Trainer:
             model.set_position_offset(self.data.train_t.mean(0))
             return model, None, None
         payload = load_checkpoint(source)
+        if payload.get("member_states"):
+            raise TrainingError(f"stage '{stage['name']}': {source} is an ensemble of {1 + len(payload['member_states'])} "
+                                f"networks; start from one of its members: {', '.join(payload.get('members', []))}")
         saved = {**payload["model_config"], "pretrained": self.model_cfg.pretrained}
         if saved != self.model_cfg.to_dict():
             raise TrainingError(f"stage '{stage['name']}': {source} holds a {payload['model_config']} model, the config asks for {self.cfg['model']}")

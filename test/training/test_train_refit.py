@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from helpers import tiny_scene as make_scene
-from ros2_posenet.checkpoint import load_checkpoint
+from ros2_posenet.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_from_checkpoint
+from ros2_posenet.model import PoseEnsemble
+from ros2_posenet.train import TrainingError
 from ros2_posenet.data.synthetic import SyntheticSceneConfig
 from ros2_posenet.train import ConfigError, load_config, main, refit_config, run_training
 
@@ -94,3 +96,38 @@ def test_refit_needs_a_holdout_and_all_stages(tiny_scene, tmp_path):
     refit = refit_config(config(tiny_scene, tmp_path, "train.refit=true"), {"learned": 3, "reprojection": 0})
     assert refit["train"]["out_dir"] == str(tmp_path / "refit") and not refit["train"]["refit"]
     assert [s["stop_after"] for s in refit["stages"]] == [3, 0]
+
+
+def test_an_ensemble_refits_networks_of_successive_seeds_and_publishes_their_mean(tiny_scene, tmp_path, capsys):
+    result = run_training(config(tiny_scene, tmp_path, "train.refit=true", "train.ensemble=2"))
+    assert result["checkpoint"] == str(tmp_path / "ensemble.pt")
+    assert result["stages"]["reprojection"]["best"] == str(tmp_path / "refit" / "reprojection" / "best.pt")
+    members = [tmp_path / "refit" / "reprojection" / "best.pt", tmp_path / "refit-seed1" / "reprojection" / "best.pt"]
+    first, second = (load_checkpoint(m) for m in members)
+    assert [first["train_config"]["train"]["seed"], second["train_config"]["train"]["seed"]] == [0, 1]
+    assert first["epoch"] == second["epoch"] == load_checkpoint(tmp_path / "reprojection" / "best.pt")["epoch"]
+    assert not torch.equal(first["model_state"]["fc_position.weight"], second["model_state"]["fc_position.weight"])
+    payload = load_checkpoint(result["checkpoint"])
+    assert payload["members"] == [str(m) for m in members] and payload["covariance"] == first["covariance"]
+    ensemble = model_from_checkpoint(payload)
+    assert isinstance(ensemble, PoseEnsemble)
+    x = torch.randn(3, 3, preprocess_from_checkpoint(payload).crop, preprocess_from_checkpoint(payload).crop)
+    with torch.no_grad():
+        t = ensemble(x)[0]
+        expected = torch.stack([model_from_checkpoint(load_checkpoint(m))(x)[0] for m in members]).mean(0)
+    torch.testing.assert_close(t, expected)
+    assert "ensemble of 2 networks (seeds 0..1)" in capsys.readouterr().out
+
+
+def test_an_ensemble_needs_a_refit_and_is_not_a_stage_start(tiny_scene, tmp_path):
+    with pytest.raises(ConfigError, match="train.ensemble 2 needs train.refit"):
+        config(tiny_scene, tmp_path, "train.ensemble=2")
+    refit = refit_config(config(tiny_scene, tmp_path, "train.refit=true", "train.ensemble=3", "train.seed=5"),
+                         {"learned": 3, "reprojection": 0}, member=2)
+    assert refit["train"]["out_dir"] == str(tmp_path / "refit-seed7") and refit["train"]["seed"] == 7
+    assert refit["train"]["ensemble"] == 1
+    run_training(config(tiny_scene, tmp_path / "run", "train.refit=true", "train.ensemble=2", "train.epochs=1",
+                        "stages.reprojection.epochs=1"))
+    with pytest.raises(TrainingError, match="is an ensemble of 2 networks; start from one of its members"):
+        run_training(config(tiny_scene, tmp_path / "tune", "data.val=none", f"stages.learned.init={tmp_path / 'run' / 'ensemble.pt'}",
+                            "train.epochs=1", "stages.reprojection.epochs=1"))
