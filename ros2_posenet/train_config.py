@@ -189,6 +189,7 @@ class TrainSection(StrictModel):
     # ensemble: refit this many networks (seeds seed, seed + 1, ...; <out_dir>/refit, <out_dir>/refit-seed<N>)
     # and publish their mean pose, <out_dir>/ensemble.pt. Needs refit: the validated run chose the epochs
     # and calibrated the covariance (one network's: the mean of several errs less, so it is conservative).
+    # An interrupted refit: --resume the network's <stage>/last.pt; the networks that did not finish follow.
     ensemble: int = Field(1, ge=1)
 
     @field_validator("device")

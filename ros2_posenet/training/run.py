@@ -22,7 +22,7 @@ import yaml
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_ensemble
 from ..metrics import METHOD_MEAN, METHOD_MODEL
-from ..train_config import ConfigError, did_you_mean, validate_config
+from ..train_config import ConfigError, did_you_mean, stage_epochs, validate_config
 from .runtime import Dist, seed_everything
 from .trainer import Trainer
 
@@ -104,6 +104,40 @@ def _refit(cfg: dict, trainer: Trainer, dist_info: Dist, epochs: dict[str, int],
     return first_results, str(ensemble)
 
 
+def _finished(cfg: dict) -> str | None:
+    """The final checkpoint of the run ``cfg`` if its last stage trained to its end, else None."""
+    stage = cfg["stages"][-1]
+    best = Path(cfg["train"]["out_dir"]) / stage["name"] / "best.pt"
+    end = stage_epochs(cfg, stage) if stage["stop_after"] is None else min(stage["stop_after"], stage_epochs(cfg, stage))
+    return str(best) if best.is_file() and load_checkpoint(best).get("epoch") == end else None
+
+
+def _complete_ensemble(cfg: dict, trainer: Trainer, dist_info: Dist) -> str | None:
+    """After one network of an ensemble's refit was resumed on its own (an interrupted run): the networks that
+    did not finish are trained again, and the ensemble's checkpoint written. None: ``cfg`` is no ensemble's."""
+    validated_dir = Path(cfg["train"]["calibrate_from"])
+    if not (validated_dir / "config.yaml").is_file():
+        return None
+    validated = validate_config(yaml.safe_load((validated_dir / "config.yaml").read_text()))
+    if validated["train"]["ensemble"] == 1:
+        return None
+    epochs = selected_epochs(validated_dir, [s["name"] for s in validated["stages"]])
+    finals = []
+    for member in range(validated["train"]["ensemble"]):
+        member_cfg = refit_config(validated, epochs, member)
+        final = _finished(member_cfg)
+        if final is None:
+            trainer.say(f"the ensemble's network {member_cfg['train']['out_dir']} did not finish: training it")
+            final = _run_stages(member_cfg, dist_info, None, None)[2]
+        finals.append(final)
+    ensemble = validated_dir / ENSEMBLE_FILE
+    if dist_info.main:
+        save_ensemble(ensemble, finals)
+        trainer.say(f"ensemble of {len(finals)} networks, their mean pose -> {ensemble}")
+    dist_info.barrier()
+    return str(ensemble)
+
+
 def _report_test(trainer: Trainer, checkpoint: str, label: str) -> dict | None:
     test = trainer.test_report(checkpoint)
     if test is not None:
@@ -128,7 +162,8 @@ def run_training(config: dict, resume: str | os.PathLike | None = None, only_sta
         with ``train.test_at_end``; else None). With ``train.refit`` also ``"validated"``: the
         validated run's ``{"checkpoint", "stages", "test"}``; ``checkpoint``, ``stages`` and
         ``test`` are then the refit's (``checkpoint``: ``<out_dir>/ensemble.pt`` with ``train.ensemble`` > 1,
-        ``stages``: its first network's).
+        ``stages``: its first network's). Resuming one network of an interrupted ensemble refit trains
+        the others that did not finish and returns the ensemble's checkpoint.
     """
     cfg = validate_config(config)
     names = [s["name"] for s in cfg["stages"]]
@@ -153,6 +188,8 @@ def run_training(config: dict, resume: str | os.PathLike | None = None, only_sta
             validated = {"checkpoint": final, "stages": results, "test": test}
             dist_info.barrier()  # every rank reads the chosen epochs from rank 0's checkpoints
             results, final = _refit(cfg, trainer, dist_info, selected_epochs(trainer.out_dir, names), test_at_end)
+        elif resume_payload is not None and cfg["train"]["calibrate_from"] and only_stage is None:
+            final = _complete_ensemble(cfg, trainer, dist_info) or final  # one network of an interrupted ensemble
         members = cfg["train"]["ensemble"]
         label = "" if validated is None else " (refit on every frame)" if members == 1 else f" (ensemble of {members} refits)"
         test = _report_test(trainer, final, label) if test_at_end else None

@@ -1,5 +1,6 @@
 """train.refit: the validated run chooses epochs and calibrates, the refit trains on every frame."""
 import logging
+import shutil
 
 import pytest
 import torch
@@ -131,3 +132,18 @@ def test_an_ensemble_needs_a_refit_and_is_not_a_stage_start(tiny_scene, tmp_path
     with pytest.raises(TrainingError, match="is an ensemble of 2 networks; start from one of its members"):
         run_training(config(tiny_scene, tmp_path / "tune", "data.val=none", f"stages.learned.init={tmp_path / 'run' / 'ensemble.pt'}",
                             "train.epochs=1", "stages.reprojection.epochs=1"))
+
+
+def test_resuming_one_network_of_an_interrupted_ensemble_trains_the_rest_and_writes_the_ensemble(tiny_scene, tmp_path):
+    run_training(config(tiny_scene, tmp_path, "train.refit=true", "train.ensemble=2", "train.epochs=2",
+                        "stages.reprojection.epochs=1"))
+    second = load_checkpoint(tmp_path / "refit-seed1" / "reprojection" / "best.pt")["model_state"]
+    # Interrupted in the first network: the second never started, no ensemble was written.
+    shutil.rmtree(tmp_path / "refit-seed1")
+    (tmp_path / "ensemble.pt").unlink()
+    assert main(["--resume", str(tmp_path / "refit" / "learned" / "last.pt")]) == 0
+    payload = load_checkpoint(tmp_path / "ensemble.pt")
+    assert payload["members"] == [str(tmp_path / d / "reprojection" / "best.pt") for d in ("refit", "refit-seed1")]
+    retrained = load_checkpoint(tmp_path / "refit-seed1" / "reprojection" / "best.pt")
+    assert retrained["train_config"]["train"]["seed"] == 1
+    assert all(torch.equal(retrained["model_state"][k], second[k]) for k in second)  # the same network again
