@@ -105,11 +105,15 @@ def _refit(cfg: dict, trainer: Trainer, dist_info: Dist, epochs: dict[str, int],
 
 
 def _finished(cfg: dict) -> str | None:
-    """The final checkpoint of the run ``cfg`` if its last stage trained to its end, else None."""
+    """The final checkpoint of the run ``cfg`` if its last stage trained to its end with this very config
+    (not a stale folder of another run), else None."""
     stage = cfg["stages"][-1]
     best = Path(cfg["train"]["out_dir"]) / stage["name"] / "best.pt"
+    if not best.is_file():
+        return None
     end = stage_epochs(cfg, stage) if stage["stop_after"] is None else min(stage["stop_after"], stage_epochs(cfg, stage))
-    return str(best) if best.is_file() and load_checkpoint(best).get("epoch") == end else None
+    payload = load_checkpoint(best)
+    return str(best) if payload.get("epoch") == end and payload.get("train_config") == cfg else None
 
 
 def _complete_ensemble(cfg: dict, trainer: Trainer, dist_info: Dist) -> str | None:

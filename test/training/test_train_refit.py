@@ -147,3 +147,12 @@ def test_resuming_one_network_of_an_interrupted_ensemble_trains_the_rest_and_wri
     retrained = load_checkpoint(tmp_path / "refit-seed1" / "reprojection" / "best.pt")
     assert retrained["train_config"]["train"]["seed"] == 1
     assert all(torch.equal(retrained["model_state"][k], second[k]) for k in second)  # the same network again
+    first_mtime = (tmp_path / "refit" / "reprojection" / "best.pt").stat().st_mtime_ns
+    # A network that finished with this config is kept; one of another run (here: another seed) is trained again.
+    (tmp_path / "ensemble.pt").unlink()
+    shutil.copytree(tmp_path / "refit", tmp_path / "refit-seed1", dirs_exist_ok=True)
+    assert main(["--resume", str(tmp_path / "refit" / "learned" / "last.pt")]) == 0
+    assert (tmp_path / "refit" / "reprojection" / "best.pt").stat().st_mtime_ns > first_mtime  # the resumed one reran its last stage
+    again = load_checkpoint(tmp_path / "refit-seed1" / "reprojection" / "best.pt")
+    assert again["train_config"]["train"]["seed"] == 1 and all(torch.equal(again["model_state"][k], second[k]) for k in second)
+    assert (tmp_path / "ensemble.pt").is_file()
