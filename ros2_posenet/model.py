@@ -6,6 +6,7 @@ quaternion values; the quaternion is normalised to unit length in the forward pa
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -247,11 +248,16 @@ class PoseEnsemble(nn.Module):
         t = torch.stack([p[0] for p in poses]).mean(0)
         return t, quat_mean(torch.stack([p[1] for p in poses]))
 
+    @staticmethod
+    def _mean_log_variance(log_variances: list[torch.Tensor]) -> torch.Tensor:
+        """The log of the members' mean variance, from their log-variances (B, 6)."""
+        return torch.logsumexp(torch.stack(log_variances), 0) - math.log(len(log_variances))
+
     def forward_with_log_variance(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The mean pose and the log of the members' mean variance."""
         outputs = [m.forward_with_log_variance(images) for m in self.members]
         t, q = self._mean([(o[0], o[1]) for o in outputs])
-        return t, q, torch.stack([o[2] for o in outputs]).exp().mean(0).log()
+        return t, q, self._mean_log_variance([o[2] for o in outputs])
 
     def enable_mc_dropout(self) -> None:
         for m in self.members:
@@ -265,7 +271,7 @@ class PoseEnsemble(nn.Module):
         t, q = self._mean([(o["t"], o["q"]) for o in outputs])
         out = {"t": t, "q": q}
         if "log_variance" in outputs[0]:
-            out["log_variance"] = torch.stack([o["log_variance"] for o in outputs]).exp().mean(0).log()
+            out["log_variance"] = self._mean_log_variance([o["log_variance"] for o in outputs])
         if mc_samples > 0:
             out["t_samples"] = torch.cat([o["t_samples"] for o in outputs], dim=1)
             out["q_samples"] = torch.cat([o["q_samples"] for o in outputs], dim=1)

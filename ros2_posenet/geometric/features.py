@@ -216,4 +216,4 @@ def query_feature_config(map_config: FeatureConfig, max_image_size: int = 0) -> 
     caps = [size for size in (map_config.max_image_size, max_image_size) if size]
     if not caps or min(caps) == map_config.max_image_size:
         return map_config
-    return FeatureConfig.from_dict({**map_config.to_dict(), "max_image_size": min(caps)})
+    return map_config.replace(max_image_size=min(caps))

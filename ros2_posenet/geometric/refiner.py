@@ -808,7 +808,7 @@ def retry_feature_config(query_features: FeatureConfig, contrast_threshold: floa
     """The query's features at a lower SIFT contrast threshold for a last try (None: off, not SIFT, or not lower)."""
     if not contrast_threshold or query_features.type != "sift" or contrast_threshold >= query_features.contrast_threshold:
         return None
-    return FeatureConfig.from_dict({**query_features.to_dict(), "contrast_threshold": contrast_threshold})
+    return query_features.replace(contrast_threshold=contrast_threshold)
 
 
 def _correction(delta: np.ndarray) -> tuple[float, float]:

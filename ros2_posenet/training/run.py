@@ -85,23 +85,40 @@ def _run_stages(cfg: dict, dist_info: Dist, resume_payload: dict | None, only_st
 def _refit(cfg: dict, trainer: Trainer, dist_info: Dist, epochs: dict[str, int], test_at_end: bool) -> tuple[dict, str]:
     """The refit of the validated run ``cfg`` (each of its ensemble's networks): the first network's
     per-stage results and the final checkpoint (the ensemble's, where there are several)."""
-    members = cfg["train"]["ensemble"]
-    finals, first_results = [], {}
-    for member in range(members):
-        _, results, final = _run_stages(refit_config(cfg, epochs, member), dist_info, None, None)
-        first_results = first_results or results
-        finals.append(final)
-    if members == 1:
+    first_results, finals = _refit_networks(cfg, epochs, dist_info, trainer)
+    if len(finals) == 1:
         return first_results, finals[0]
     if test_at_end:
         _report_test(trainer, finals[0], " (the ensemble's first network)")
-    ensemble = trainer.out_dir / ENSEMBLE_FILE
+    return first_results, _write_ensemble(cfg, finals, trainer, dist_info)
+
+
+def _refit_networks(cfg: dict, epochs: dict[str, int], dist_info: Dist, trainer: Trainer,
+                    keep_finished: bool = False) -> tuple[dict, list[str]]:
+    """Refit each network of the validated run ``cfg``'s ensemble (``keep_finished``: not those that finished
+    already, :func:`_finished`); the first trained network's per-stage results and every final checkpoint."""
+    first_results, finals = {}, []
+    for member in range(cfg["train"]["ensemble"]):
+        member_cfg = refit_config(cfg, epochs, member)
+        final = _finished(member_cfg) if keep_finished else None
+        if final is None:
+            if keep_finished:
+                trainer.say(f"the ensemble's network {member_cfg['train']['out_dir']} did not finish: training it")
+            _, results, final = _run_stages(member_cfg, dist_info, None, None)
+            first_results = first_results or results
+        finals.append(final)
+    return first_results, finals
+
+
+def _write_ensemble(cfg: dict, finals: list[str], trainer: Trainer, dist_info: Dist) -> str:
+    """``<out_dir>/ensemble.pt`` of the validated run ``cfg`` from its networks' final checkpoints."""
+    ensemble = Path(cfg["train"]["out_dir"]) / ENSEMBLE_FILE
     if dist_info.main:
         save_ensemble(ensemble, finals)
-        seeds = f"{cfg['train']['seed']}..{cfg['train']['seed'] + members - 1}"
-        trainer.say(f"ensemble of {members} networks (seeds {seeds}), their mean pose -> {ensemble}")
+        seeds = f"{cfg['train']['seed']}..{cfg['train']['seed'] + len(finals) - 1}"
+        trainer.say(f"ensemble of {len(finals)} networks (seeds {seeds}), their mean pose -> {ensemble}")
     dist_info.barrier()
-    return first_results, str(ensemble)
+    return str(ensemble)
 
 
 def _finished(cfg: dict) -> str | None:
@@ -126,20 +143,8 @@ def _complete_ensemble(cfg: dict, trainer: Trainer, dist_info: Dist) -> str | No
     if validated["train"]["ensemble"] == 1:
         return None
     epochs = selected_epochs(validated_dir, [s["name"] for s in validated["stages"]])
-    finals = []
-    for member in range(validated["train"]["ensemble"]):
-        member_cfg = refit_config(validated, epochs, member)
-        final = _finished(member_cfg)
-        if final is None:
-            trainer.say(f"the ensemble's network {member_cfg['train']['out_dir']} did not finish: training it")
-            final = _run_stages(member_cfg, dist_info, None, None)[2]
-        finals.append(final)
-    ensemble = validated_dir / ENSEMBLE_FILE
-    if dist_info.main:
-        save_ensemble(ensemble, finals)
-        trainer.say(f"ensemble of {len(finals)} networks, their mean pose -> {ensemble}")
-    dist_info.barrier()
-    return str(ensemble)
+    _, finals = _refit_networks(validated, epochs, dist_info, trainer, keep_finished=True)
+    return _write_ensemble(validated, finals, trainer, dist_info)
 
 
 def _report_test(trainer: Trainer, checkpoint: str, label: str) -> dict | None:
