@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..covariance import REPORT_LEVELS
+from ..evaluate import METHOD_REFINED
 from ..data.synthetic import SyntheticSceneConfig
 from ..geometry import matrix_to_pose, optical_pose_to_body, pose_to_matrix, rotation_angle_deg_np
 
@@ -174,6 +176,25 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def covariance_lines(evaluation: dict) -> list[str]:
+    """The report's covariance section: how often the truth lies inside the published covariance's bounds on the
+    test frames (what robot_localization's Mahalanobis gate sees), for the regressor and for the refined poses."""
+    rows = [(label, evaluation[key]) for label, key in (("posenet", "calibration"), (METHOD_REFINED, "calibration_refined"))
+            if evaluation.get(key)]
+    if not rows:
+        return []
+    levels = "/".join(str(round(p * 100)) for p in REPORT_LEVELS)
+    within = lambda c, block: "/".join(f"{c[f'{block}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)  # noqa: E731
+    lines = ["", "## Covariance on the test frames (what an EKF is told)", "",
+             f"Share of test frames inside the published covariance's {levels} % bounds (ideal: the levels themselves; "
+             "6-DoF is the whole pose with its cross terms, as robot_localization's Mahalanobis gate reads it).", "",
+             f"| poses | covariance | position | rotation | 6-DoF | 6-DoF NEES median (ideal {rows[0][1]['nees_ideal_median_joint']:.2f}) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {label} | {c['uncertainty'].split(': ', 1)[-1]} | {within(c, 'position')} | {within(c, 'rotation')} | {within(c, 'joint')} | "
+              f"{c['nees_joint_median']:.2f} |" for label, c in rows]
+    return lines
+
+
 def write_report(run_dir: Path, scene: dict, training: dict, evaluation: dict, node: dict, seconds: dict,
                  node_refined: dict | None = None) -> Path:
     methods = evaluation["methods"]
@@ -193,6 +214,7 @@ def write_report(run_dir: Path, scene: dict, training: dict, evaluation: dict, n
         ms = f"{m['ms_per_frame']:.1f}" if "ms_per_frame" in m else ""
         lines.append(f"| {name} | {m['median_position_m']:.3f} | {m['median_rotation_deg']:.2f} | {share:.1%} | {refined} | {ms} |")
     lines += [
+        *covariance_lines(evaluation),
         "", "## The ROS 2 node, fed the test images over topics", "",
         f"- answered {node['answered']} of {node['sent']} images",
         f"- median error of the published camera pose: {node['median_position_m']:.3f} m, {node['median_rotation_deg']:.2f}°",

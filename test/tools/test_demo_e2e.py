@@ -30,6 +30,11 @@ def test_demo_runs_end_to_end_and_the_node_agrees_with_offline_evaluation(tmp_pa
     assert len(rows) == 6 and all(r["frame_id"] == "map" for r in rows)
     report = (run_dir / "report.md").read_text()
     assert "answered 6 of 6 images" in report and "error_cdf" in report
+    # The covariance an EKF is told, as the offline evaluation measured it on the test frames.
+    calibration = json.loads((run_dir / "eval" / "results.json").read_text())[0]["calibration"]
+    section = report.split("## Covariance on the test frames")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| posenet |"))
+    assert f"| {calibration['joint_within_68']:.0%}/{calibration['joint_within_95']:.0%}/" in row
 
     # The node with the scene map refines as the offline evaluation does (same Refiner, same priors).
     refined = json.loads((run_dir / "node_summary_refined.json").read_text())
