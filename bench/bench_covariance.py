@@ -52,7 +52,8 @@ from ros2_posenet.covariance import (  # noqa: E402
 from ros2_posenet.data import build_dataset  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
 from ros2_posenet.geometric.map_builder import (  # noqa: E402
-    build_scene_map, calibrate_held_out, held_out_indices, open_dataset, pose_matrix, shifted_depth_lift_factory,
+    build_scene_map, calibrate_held_out, held_out_indices, map_feature_config, open_dataset, pose_matrix,
+    shifted_depth_lift_factory,
 )
 from ros2_posenet.geometric.refiner import (  # noqa: E402
     Refiner, calibration_residuals, perturb_pose, pose_difference,
@@ -61,11 +62,13 @@ from ros2_posenet.geometric.scene_map import SceneMap, select_keyframes  # noqa:
 from ros2_posenet.plots import plot_reliability  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
-CASES = ("synthetic", "misregistered", "hololens", "fountain", "fountain-loo", "regressor", "regressor-hololens")
+CASES = ("synthetic", "misregistered", "hololens", "fountain", "fountain-loo", "regressor", "regressor-hololens",
+         "synthetic-triangulated", "hololens-triangulated")
 # Refined cases and regressor cases of the same data, for the summary table.
 SUMMARY = (("synthetic", "synthetic", "regressor"), ("hololens-office test split", "hololens", "regressor-hololens"),
            ("fountain, 3 held-out views", "fountain", None), ("fountain, each view held out", "fountain-loo", None),
-           ("synthetic, depth misregistered", "misregistered", None))
+           ("synthetic, depth misregistered", "misregistered", None), ("synthetic, triangulated map", "synthetic-triangulated", None),
+           ("hololens-office test split, triangulated map", "hololens-triangulated", None))
 NO_FOUNTAIN_REGRESSOR = "not measured: 11 photos (8 map views) cannot train and validate a regressor"
 FOUNTAIN_HELD_OUT = ("0002.jpg", "0005.jpg", "0008.jpg")
 
@@ -166,7 +169,7 @@ def print_case(name: str, results: dict) -> None:
 # ----------------------------------------------------------------------------- cases
 
 
-def seven_scenes_case(name: str, root: Path, work: Path, args, lift_factory=None) -> dict:
+def seven_scenes_case(name: str, root: Path, work: Path, args, lift_factory=None, points: str = "depth") -> dict:
     path = work / f"{name}.npz"
     train = open_dataset("7scenes", root, "train")
     poses = np.stack([pose_matrix(train, i) for i in range(len(train))])
@@ -174,7 +177,8 @@ def seven_scenes_case(name: str, root: Path, work: Path, args, lift_factory=None
     if path.is_file():
         scene_map = SceneMap.load(path)
     else:
-        scene_map = build_scene_map(train, keyframes, FeatureConfig(), "depth", lift_factory=lift_factory)
+        scene_map = build_scene_map(train, keyframes, FeatureConfig() if points == "depth" else map_feature_config(points), points,
+                                    lift_factory=lift_factory)
         scene_map.save(path)
     test = open_dataset("7scenes", root, "test")
     idx = np.arange(len(test)) if not args.frames else np.linspace(0, len(test) - 1, args.frames).round().astype(int)
@@ -353,6 +357,9 @@ def main(argv=None) -> int:
                                               args.work, args, shifted_depth_lift_factory(*args.depth_shift))
         elif case == "hololens":
             results[case] = seven_scenes_case("hololens", DATA / "hololens-office", args.work, args)
+        elif case in ("synthetic-triangulated", "hololens-triangulated"):
+            root = args.scene if case.startswith("synthetic") else DATA / "hololens-office"
+            results[case] = seven_scenes_case(case, root, args.work, args, points="triangulation")
         elif case == "fountain":
             results[case] = fountain_case(args.work, args)
         elif case == "fountain-loo":

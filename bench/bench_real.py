@@ -24,8 +24,9 @@ Refined frames that are wrong (> 0.25 m or > 5°) are counted, and every fallbac
 
 A data set that is absent is skipped with a line saying so. Per map it prints: refined share,
 median position / rotation over all frames and over the refined ones, p90, refined frames
-worse than their prior, fallbacks by ``RefinementResult.failure``, median inliers and ms per
-frame by part (features / matching / pose / total, wall; CPU time of the process in brackets).
+worse than their prior, fallbacks by ``RefinementResult.failure``, median inliers, the share of refined
+frames inside the 95 % bound of their published covariance (position / rotation / 6-DoF; ideal 95 %) and ms
+per frame by part (features / matching / pose / total, wall; CPU time of the process in brackets).
 Maps are cached under ``--work``, triangulated ones per triangulation defaults (delete it after changing other map code).
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,7 +50,8 @@ from ros2_posenet.config_base import key_value  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
 from ros2_posenet.geometric.map_builder import CALIBRATION_SPLITS, map_feature_config, open_dataset  # noqa: E402
 from ros2_posenet.tools.build_map import build_parser as build_map_parser  # noqa: E402
-from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose  # noqa: E402
+from ros2_posenet.covariance import calibration_metrics  # noqa: E402
+from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose, pose_difference  # noqa: E402
 from ros2_posenet.geometric.retrieval import VisualWords  # noqa: E402
 from ros2_posenet.geometric.tracking import Track, replay_stamps  # noqa: E402
 
@@ -61,14 +64,16 @@ MAPS = ("depth", "triangulation")
 def print_results(title: str, results: dict[str, dict]) -> None:
     print(f"\n## {title}\n")
     print("| map | frames | refined | median all (m / °) | median refined (m / °) | p90 all (m / °) | worse than prior "
-          "| fallbacks by failure | inliers | ms features / matching / pose / total (CPU) |")
-    print("|" + " --- |" * 10)
+          "| fallbacks by failure | inliers | refined inside the 95 % bound (pos / rot / 6-DoF) "
+          "| ms features / matching / pose / total (CPU) |")
+    print("|" + " --- |" * 11)
     for name, s in results.items():
         fallbacks = ", ".join(f"{k} {v}" for k, v in s["fallbacks"].items()) or "–"
         wrong = f" (wrong by > 0.25 m / 5°: {s['wrong']})" if "wrong" in s else ""
         print(f"| {name} | {s['frames']} | {s['refined']:.1%} | {s['median_pos']:.4f} / {s['median_rot']:.3f} | "
               f"{s['refined_median_pos']:.4f} / {s['refined_median_rot']:.3f} | {s['p90_pos']:.3f} / {s['p90_rot']:.2f} | "
-              f"{s['worse']}{wrong} | {fallbacks} | {s['inliers']:.0f} | {s['features_ms']:.0f} / {s['matching_ms']:.0f} / "
+              f"{s['worse']}{wrong} | {fallbacks} | {s['inliers']:.0f} | {s.get('coverage', '–')} | "
+              f"{s['features_ms']:.0f} / {s['matching_ms']:.0f} / "
               f"{s['pose_ms']:.0f} / {s['total_ms']:.0f} ({s['cpu_ms']:.0f}) |", flush=True)
 
 
@@ -207,11 +212,15 @@ def run_with_priors(refiner: Refiner, frames, priors: np.ndarray, covariances: n
         result = track.refine(refiner, stamp, rgb, K, prior, prior_cov) if track else refiner.refine(rgb, K, prior, prior_cov)
         cpu_ms = (time.process_time() - cpu) * 1e3
         out_err, prior_err = errors(result.T, T_true), errors(prior, T_true)
+        residual = pose_difference(result.T, T_true)
+        nees = float(residual @ np.linalg.pinv(result.covariance) @ residual) if result.refined else np.nan
         rows.append({"refined": result.refined, "source": result.source, "failure": result.failure,
                      "pos": out_err[0], "rot": out_err[1], "prior_pos": prior_err[0], "prior_rot": prior_err[1],
-                     "inliers": result.inliers, "nees": np.nan, "cpu_ms": cpu_ms, "reason": result.reason,
+                     "inliers": result.inliers, "nees": nees, "cpu_ms": cpu_ms, "reason": result.reason,
+                     "residual": residual, "covariance": result.covariance,
                      **{f"{k}_ms": v for k, v in result.timing_ms.items()}})
     summary = summarize(rows)
+    summary["coverage"] = refined_coverage(rows)
     summary["wrong"] = sum(r["refined"] and (r["pos"] > 0.25 or r["rot"] > 5.0) for r in rows)
     print(f"\nrefined frames wrong by > 0.25 m or > 5°: {summary['wrong']}; refined by source: "
           f"{dict(Counter(r['source'] for r in rows if r['refined']))}; fallbacks "
@@ -223,6 +232,17 @@ def run_with_priors(refiner: Refiner, frames, priors: np.ndarray, covariances: n
             print(f"  WRONG {r['pos']:.2f} m / {r['rot']:.1f}° (prior {r['prior_pos']:.2f} / {r['prior_rot']:.1f}), "
                   f"{r['source']}: {r['reason'][:300]}")
     return summary
+
+
+def refined_coverage(rows: list[dict]) -> str:
+    """``pos / rot / 6-DoF`` shares of the refined frames inside the 95 % bound of their published (geometric)
+    covariance, what the verified pose topic tells an EKF ("–" without refined frames)."""
+    refined = [r for r in rows if r["refined"] and r["covariance"] is not None]
+    if not refined:
+        return "–"
+    metrics = calibration_metrics(torch.from_numpy(np.stack([r["residual"] for r in refined])),
+                                  torch.from_numpy(np.stack([r["covariance"] for r in refined])))
+    return " / ".join(f"{metrics[f'{block}_within_95']:.0%}" for block in ("position", "rotation", "joint"))
 
 
 def bench_fountain(args, config: RefinementConfig) -> None:

@@ -218,6 +218,34 @@ def test_a_misregistered_map_calibrated_on_left_out_passes_covers_a_new_run(tmp_
     assert old_inside["joint"] < 0.6 and new_inside["joint"] > old_inside["joint"] + 0.3, old_inside
 
 
+def test_a_triangulated_map_left_out_for_calibration_is_triangulated_again_without_those_keyframes(tmp_path_factory):
+    """A calibration frame must not be refined against points its own observations placed: the map a fold refines
+    against is the map built without the fold's keyframes (triangulated), or the others' own points (depth)."""
+    from helpers import tiny_scene
+
+    from ros2_posenet.geometric.features import FeatureConfig
+    from ros2_posenet.geometric.map_builder import LeaveOut, build_scene_map, open_dataset, pose_matrix
+    from ros2_posenet.geometric.scene_map import select_keyframes
+
+    train = open_dataset("7scenes", tiny_scene(tmp_path_factory, "left_out"), "train")
+    keyframes = select_keyframes(np.stack([pose_matrix(train, i) for i in range(len(train))]), 0.1, 5.0)
+    features, drop = FeatureConfig(max_features=400), [1, 2]
+    full = build_scene_map(train, keyframes, features, "triangulation")
+    left_out = LeaveOut(full, train, keyframes)(drop)
+    built_without = build_scene_map(train, np.delete(keyframes, drop), features, "triangulation")
+    assert left_out.names == built_without.names and left_out.num_points == built_without.num_points > 0
+    for ours, theirs in zip(left_out.points3d, built_without.points3d):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    # Only dropping the keyframes keeps points that the dropped ones helped place (or that only they confirmed).
+    plain = without_keyframes(full, drop)
+    assert any(len(a) != len(b) or not np.allclose(a, b, atol=1e-6) for a, b in zip(plain.points3d, left_out.points3d))
+
+    depth = build_scene_map(train, keyframes, features, "depth")
+    depth_left_out = LeaveOut(depth, train, keyframes)(drop)
+    assert depth_left_out.names == without_keyframes(depth, drop).names
+    np.testing.assert_array_equal(depth_left_out.points3d[0], depth.points3d[0])
+
+
 def test_build_map_stores_how_the_covariance_was_calibrated(tmp_path_factory, tmp_path, capsys):
     from helpers import tiny_scene
 

@@ -176,6 +176,7 @@ def triangulate_map(
     config: TriangulationConfig | None = None,
     feature_config=None,
     matcher: Matcher | None = None,
+    pair_matcher: PairMatcher | None = None,
 ) -> Triangulation:
     """Triangulate 3D points for the features of images with known poses.
 
@@ -189,6 +190,9 @@ def triangulate_map(
             were detected with (ratio test etc.); used by the default matcher.
         matcher: ``f(desc_a, desc_b) -> (K, 2)`` index pairs; defaults to
             ``features.match_features(desc_a, desc_b, feature_config)``.
+        pair_matcher: ``f(desc_a, desc_b, kp_a, kp_b, F) -> (K, 2)``, the matches of one pair
+            (``F``: its fundamental matrix from the poses); overrides ``matcher`` and the guided
+            default (:func:`make_pair_matcher`), e.g. to reuse matches across runs on the same features.
 
     Returns:
         :class:`Triangulation`: the points, per-point track length / angle / range
@@ -203,7 +207,7 @@ def triangulate_map(
     stats: dict = {"keyframes": len(features)}
     pairs = select_pairs(poses, config)
     stats["pairs"] = len(pairs)
-    edges = _verified_matches(features, intrinsics, poses, pairs, _pair_matcher(matcher, feature_config, config),
+    edges = _verified_matches(features, intrinsics, poses, pairs, pair_matcher or make_pair_matcher(matcher, feature_config, config),
                               config, stats)
     sizes = [len(kp) for kp, _ in features]
     tracks = build_tracks(edges, sizes)
@@ -286,7 +290,7 @@ def _verified_matches(features, intrinsics, poses, pairs, matcher: PairMatcher, 
     return np.concatenate(edges) if edges else np.zeros((0, 4), np.int64)
 
 
-def _pair_matcher(matcher: Matcher | None, feature_config, config: TriangulationConfig) -> PairMatcher:
+def make_pair_matcher(matcher: Matcher | None, feature_config, config: TriangulationConfig) -> PairMatcher:
     """The given descriptor matcher, else epipolar-guided matching (``config.guided_matching``) or plain matching."""
     if matcher is not None:
         return lambda desc_a, desc_b, kp_a, kp_b, F: matcher(desc_a, desc_b)
