@@ -240,6 +240,11 @@ def test_a_triangulated_map_left_out_for_calibration_is_triangulated_again_witho
     plain = without_keyframes(full, drop)
     assert any(len(a) != len(b) or not np.allclose(a, b, atol=1e-6) for a, b in zip(plain.points3d, left_out.points3d))
 
+    with pytest.raises(ValueError, match="keyframes"):
+        LeaveOut(full, train, keyframes[:-1])
+    with pytest.raises(ValueError, match="keyframes"):
+        LeaveOut(full, train, keyframes[::-1])(drop)  # the same images, not in the map's order
+
     depth = build_scene_map(train, keyframes, features, "depth")
     depth_left_out = LeaveOut(depth, train, keyframes)(drop)
     assert depth_left_out.names == without_keyframes(depth, drop).names

@@ -267,6 +267,9 @@ class LeaveOut:
     def __init__(self, scene_map: SceneMap, dataset, keyframes: np.ndarray):
         self.scene_map, self.dataset, self.keyframes = scene_map, dataset, np.asarray(keyframes, np.int64)
         self.triangulated = scene_map.point_source == "triangulation"
+        if len(self.keyframes) != len(scene_map):
+            raise ValueError(f"the map has {len(scene_map)} keyframes but {len(self.keyframes)} dataset images were given "
+                             "as its keyframes: calibrate a map with the keyframes it was built from")
         settings = (scene_map.metadata.get("triangulation") or {}).get("config")
         self.config = TriangulationConfig.from_dict(settings) if settings else TriangulationConfig()
         self._views: list[dict] | None = None
@@ -284,6 +287,9 @@ class LeaveOut:
             return without_keyframes(self.scene_map, drop)
         if self._views is None:
             self._views = _keyframe_views(self.dataset, self.keyframes, self.scene_map.feature_config)
+            if [v["name"] for v in self._views] != list(self.scene_map.names):
+                raise ValueError("the map's keyframes are not these dataset images: calibrate a map with the dataset "
+                                 "and keyframes it was built from")
         keep = np.setdiff1d(np.arange(len(self._views)), np.asarray(drop, np.int64))
         if len(keep) == 0:
             raise ValueError("cannot leave every keyframe out of the map")
