@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ros2_posenet.covariance import (  # noqa: E402
-    REPORT_LEVELS, block_nees, calibration_metrics, covariance_matrix, nees,
+    REPORT_LEVELS, block_nees, calibration_metrics, covariance_matrix, nees, within_bounds,
 )
 from ros2_posenet.data import build_dataset  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
@@ -314,7 +314,7 @@ def within(metrics: dict, block: str) -> str:
     """``68/95/99`` shares of ``block`` inside its bounds, as percentages ("-" without them)."""
     if f"{block}_within_95" not in metrics:
         return "-"
-    return "/".join(f"{metrics[f'{block}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)
+    return within_bounds(metrics, block)
 
 
 def regressor_covariances(calibration: dict, units: dict, n: int) -> dict:

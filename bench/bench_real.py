@@ -51,6 +51,7 @@ from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
 from ros2_posenet.geometric.map_builder import CALIBRATION_SPLITS, map_feature_config, open_dataset  # noqa: E402
 from ros2_posenet.tools.build_map import build_parser as build_map_parser  # noqa: E402
 from ros2_posenet.covariance import calibration_metrics  # noqa: E402
+from ros2_posenet.geometric.pnp import mahalanobis  # noqa: E402
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose, pose_difference  # noqa: E402
 from ros2_posenet.geometric.retrieval import VisualWords  # noqa: E402
 from ros2_posenet.geometric.tracking import Track, replay_stamps  # noqa: E402
@@ -213,7 +214,7 @@ def run_with_priors(refiner: Refiner, frames, priors: np.ndarray, covariances: n
         cpu_ms = (time.process_time() - cpu) * 1e3
         out_err, prior_err = errors(result.T, T_true), errors(prior, T_true)
         residual = pose_difference(result.T, T_true)
-        nees = float(residual @ np.linalg.pinv(result.covariance) @ residual) if result.refined else np.nan
+        nees = mahalanobis(residual, result.covariance) ** 2 if result.refined else np.nan
         rows.append({"refined": result.refined, "source": result.source, "failure": result.failure,
                      "pos": out_err[0], "rot": out_err[1], "prior_pos": prior_err[0], "prior_rot": prior_err[1],
                      "inliers": result.inliers, "nees": nees, "cpu_ms": cpu_ms, "reason": result.reason,

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene  # noqa: E402
 from ros2_posenet.geometric.features import FeatureConfig  # noqa: E402
+from ros2_posenet.geometric.pnp import mahalanobis  # noqa: E402
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, perturb_pose, pose_difference  # noqa: E402
 from ros2_posenet.geometric.scene_map import SceneMap, filter_by_agreement, select_keyframes  # noqa: E402
 from ros2_posenet.geometric.map_builder import (  # noqa: E402
@@ -117,8 +118,7 @@ def run(refiner: Refiner, frames, prior_m: float | None, prior_deg: float, seed:
         out_err = errors(result.T, T_true)
         prior_err = errors(prior, T_true) if prior is not None else (np.nan, np.nan)
         covariance = result.covariance if result.refined else None
-        nees = (float(pose_difference(result.T, T_true) @ np.linalg.pinv(covariance) @ pose_difference(result.T, T_true))
-                if covariance is not None else np.nan)
+        nees = mahalanobis(pose_difference(result.T, T_true), covariance) ** 2 if covariance is not None else np.nan
         rows.append({"refined": result.refined, "source": result.source, "failure": result.failure, "pos": out_err[0], "rot": out_err[1],
                      "prior_pos": prior_err[0], "prior_rot": prior_err[1], "inliers": result.inliers,
                      "nees": nees, "cpu_ms": cpu_ms, **{f"{k}_ms": v for k, v in result.timing_ms.items()}})

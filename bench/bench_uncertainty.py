@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ros2_posenet.checkpoint import load_checkpoint, preprocess_from_checkpoint  # noqa: E402
-from ros2_posenet.covariance import REPORT_LEVELS, available_methods, calibration_metrics, pose_residuals  # noqa: E402
+from ros2_posenet.covariance import REPORT_LEVELS, available_methods, calibration_metrics, pose_residuals, within_bounds  # noqa: E402
 from ros2_posenet.data import build_dataset  # noqa: E402
 from ros2_posenet.data.synthetic import SyntheticSceneConfig, generate_scene  # noqa: E402
 from ros2_posenet.evaluate import covariance_forward
@@ -201,9 +201,8 @@ def print_tables(results: dict, args, n_test: int) -> None:
     print(header)
     print("-" * len(header))
     for m, r in results["methods"].items():
-        within = lambda k: "/".join(f"{r[f'{k}_within_{round(level * 100)}']:.0%}" for level in REPORT_LEVELS)  # noqa: E731
         print(f"{m:<14} {r['median_position_m']:>6.3f} {r['median_rotation_deg']:>6.2f} {r['nees_position_median']:>8.2f} "
-              f"{within('position'):>14} {r['nees_rotation_median']:>8.2f} {within('rotation'):>14} "
+              f"{within_bounds(r, 'position'):>14} {r['nees_rotation_median']:>8.2f} {within_bounds(r, 'rotation'):>14} "
               f"{r['sigma_error_rank_corr_position']:>9.2f} {r['ms_per_frame']:>9.2f}")
 
 

@@ -196,6 +196,12 @@ def calibration_metrics(residuals: torch.Tensor, cov: torch.Tensor, levels=REPOR
     return out
 
 
+def within_bounds(metrics: dict, block: str) -> str:
+    """``"68%/95%/99%"``: the shares of ``block`` (position, rotation, joint) inside the :data:`REPORT_LEVELS`
+    bounds, from :func:`calibration_metrics`' keys."""
+    return "/".join(f"{metrics[f'{block}_within_{round(level * 100)}']:.0%}" for level in REPORT_LEVELS)
+
+
 def fit_block_scales(residuals: torch.Tensor, unit_cov: torch.Tensor) -> tuple[float, float]:
     """``(position_scale, rotation_scale)`` of an unscaled per-frame covariance on held-out residuals."""
     return tuple(

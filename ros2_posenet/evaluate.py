@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .baselines import MeanPoseBaseline, NearestNeighbourBaseline
 from .checkpoint import CheckpointError
 from .config_base import ConfigError, key_value
-from .covariance import REPORT_LEVELS, UNCERTAINTY_METHODS, block_nees, calibration_metrics, pose_residuals
+from .covariance import REPORT_LEVELS, UNCERTAINTY_METHODS, block_nees, calibration_metrics, pose_residuals, within_bounds
 from .geometric.refiner import RefinementConfig, Refiner
 from .geometric.retrieval import tiny_image_descriptor
 from .geometric.scene_map import MapError
@@ -311,13 +311,12 @@ def format_calibration(results: list[dict]) -> str:
     (position, rotation: 3 dof; 6-DoF: the whole pose with its cross terms, as an EKF gates it)."""
     lines = []
     for r, c in ((r, c) for r in results for c in (r["calibration"], r.get("calibration_refined")) if c):
-        within = lambda k: "/".join(f"{c[f'{k}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)  # noqa: E731
         lines.append(
             f"{r['scene']} covariance ({c['uncertainty']}): NEES median position {c['nees_position_median']:.2f}, "
             f"rotation {c['nees_rotation_median']:.2f} (ideal {c['nees_ideal_median']:.2f}), 6-DoF "
             f"{c['nees_joint_median']:.2f} (ideal {c['nees_ideal_median_joint']:.2f}, mean {c['nees_joint_mean']:.1f}); "
-            f"inside the {'/'.join(str(round(p * 100)) for p in REPORT_LEVELS)} % bounds: position {within('position')}, "
-            f"rotation {within('rotation')}, 6-DoF {within('joint')}"
+            f"inside the {'/'.join(str(round(p * 100)) for p in REPORT_LEVELS)} % bounds: position {within_bounds(c, 'position')}, "
+            f"rotation {within_bounds(c, 'rotation')}, 6-DoF {within_bounds(c, 'joint')}"
         )
     return "\n".join(lines)
 

@@ -229,15 +229,21 @@ def calibration_folds(ids: list[str], split: str = "auto", folds: int = 5, block
     return split, parts
 
 
+def _kept_keyframes(count: int, drop) -> np.ndarray:
+    """The positions of ``count`` keyframes not in ``drop``; at least one must stay."""
+    keep = np.setdiff1d(np.arange(count), np.asarray(drop, np.int64))
+    if len(keep) == 0:
+        raise ValueError("cannot leave every keyframe out of the map")
+    return keep
+
+
 def without_keyframes(scene_map: SceneMap, drop) -> SceneMap:
     """A copy of ``scene_map`` without the keyframes at positions ``drop`` (their features and points).
 
     Triangulated points seen by a dropped keyframe stay in the others, where it helped place them
     (:class:`LeaveOut` triangulates them again for calibration).
     """
-    keep = np.setdiff1d(np.arange(len(scene_map)), np.asarray(drop, np.int64))
-    if len(keep) == 0:
-        raise ValueError("cannot leave every keyframe out of the map")
+    keep = _kept_keyframes(len(scene_map), drop)
     pick = lambda values: [values[i] for i in keep]  # noqa: E731
     return SceneMap(
         names=pick(scene_map.names), poses=scene_map.poses[keep], intrinsics=scene_map.intrinsics[keep],
@@ -290,9 +296,7 @@ class LeaveOut:
             if [v["name"] for v in self._views] != list(self.scene_map.names):
                 raise ValueError("the map's keyframes are not these dataset images: calibrate a map with the dataset "
                                  "and keyframes it was built from")
-        keep = np.setdiff1d(np.arange(len(self._views)), np.asarray(drop, np.int64))
-        if len(keep) == 0:
-            raise ValueError("cannot leave every keyframe out of the map")
+        keep = _kept_keyframes(len(self._views), drop)
         reduced = _triangulate_views([self._views[i] for i in keep], self.scene_map.feature_config,
                                      self.scene_map.map_frame, self.config, self._pair_matches)
         reduced.metadata = {**self.scene_map.metadata, "triangulation": reduced.metadata["triangulation"]}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..covariance import REPORT_LEVELS
+from ..covariance import REPORT_LEVELS, within_bounds
 from ..evaluate import METHOD_REFINED
 from ..data.synthetic import SyntheticSceneConfig
 from ..geometry import matrix_to_pose, optical_pose_to_body, pose_to_matrix, rotation_angle_deg_np
@@ -184,13 +184,12 @@ def covariance_lines(evaluation: dict) -> list[str]:
     if not rows:
         return []
     levels = "/".join(str(round(p * 100)) for p in REPORT_LEVELS)
-    within = lambda c, block: "/".join(f"{c[f'{block}_within_{round(p * 100)}']:.0%}" for p in REPORT_LEVELS)  # noqa: E731
     lines = ["", "## Covariance on the test frames (what an EKF is told)", "",
              f"Share of test frames inside the published covariance's {levels} % bounds (ideal: the levels themselves; "
              "6-DoF is the whole pose with its cross terms, as robot_localization's Mahalanobis gate reads it).", "",
              f"| poses | covariance | position | rotation | 6-DoF | 6-DoF NEES median (ideal {rows[0][1]['nees_ideal_median_joint']:.2f}) |",
              "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {label} | {c['uncertainty'].split(': ', 1)[-1]} | {within(c, 'position')} | {within(c, 'rotation')} | {within(c, 'joint')} | "
+    lines += [f"| {label} | {c['uncertainty'].split(': ', 1)[-1]} | {within_bounds(c, 'position')} | {within_bounds(c, 'rotation')} | {within_bounds(c, 'joint')} | "
               f"{c['nees_joint_median']:.2f} |" for label, c in rows]
     return lines
 
