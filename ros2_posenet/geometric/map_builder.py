@@ -252,6 +252,8 @@ def without_keyframes(scene_map: SceneMap, drop) -> SceneMap:
         point_source=scene_map.point_source, feature_config=scene_map.feature_config,
         point_info={name: pick(values) for name, values in scene_map.point_info.items()},
         global_descriptors=scene_map.global_descriptors[keep], map_frame=scene_map.map_frame,
+        view_grey=scene_map.view_grey[keep] if scene_map.has_views else None,
+        view_depth=scene_map.view_depth[keep] if scene_map.has_views else None,
         metadata=dict(scene_map.metadata),
     )
 

@@ -48,6 +48,7 @@ weighted), calibrated on held-out images when the map is built (:func:`calibrate
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -65,6 +66,7 @@ from ..geometry import matrix_to_pose
 from ..preprocess import check_rgb_image
 from .features import FeatureConfig, detect_features, match_features, query_feature_config
 from .matching import guided_matches
+from .views import QueryView, view_agreement
 from .pnp import (
     SOLVERS, FocalHistory, estimate_focal_ratio, focal_scatter, geometric_covariance, mahalanobis, pose_difference,
     require_solver, solve_absolute_pose,
@@ -180,6 +182,17 @@ class RefinementConfig(GeometricSettings):
             nearest to it are projected into the image and matched within
             ``guided_window_px`` of their projection (ratio test ``guided_ratio`` among
             those), and the pose is solved again; the result passes every check as usual.
+        photometric_min_ncc: a pose of fewer inliers than its source needs (down to
+            ``photometric_min_inliers``) becomes a candidate when the image looks like the map there:
+            a depth map's keyframe views nearest the pose (``photometric_keyframes``), moved into the
+            image by their depth, correlate with it at least this much (normalised cross-correlation,
+            the best keyframe's; :mod:`.views`). Like a pose of ``confirm_few_inliers``, other keyframes
+            that give the same pose confirm it and keyframes that give another refuse it; where the
+            keyframes around it see too little to do either, its look vouches for it. It then passes
+            the focal check. Chosen on hololens-office's validation blocks: right poses reach 0.8-0.96,
+            chance poses metres away at most 0.75; poses 0.2-0.4 m off can look right too, which is why
+            keyframes that disagree still decide (bench/RESULTS.md). 0, or a map without views
+            (triangulated, older maps): off.
         query_max_image_size: the query image is shrunk to at most this many pixels on its
             longer side before its features are detected (keypoints scaled back; 0: as the
             map's ``FeatureConfig.max_image_size``). SIFT's time follows the pixel count: 560
@@ -230,6 +243,9 @@ class RefinementConfig(GeometricSettings):
     guided_min_inliers: _PoseInliers = 8
     guided_window_px: float = Field(12.0, gt=0)
     guided_ratio: float = Field(0.9, gt=0, le=1)
+    photometric_min_ncc: float = Field(0.85, ge=0, le=1)
+    photometric_min_inliers: _PoseInliers = 12
+    photometric_keyframes: int = Field(3, ge=1)
     query_max_image_size: int = Field(560, ge=0)
     retry_contrast_threshold: float = Field(0.01, ge=0, lt=1)
     tracking_max_gap_s: float = Field(1.0, ge=0)
@@ -407,7 +423,7 @@ class Refiner:
         """Every attempt, confirmation and the search on ``rgb``'s features detected with ``features``: the outcome."""
         cfg = self.config
         t0 = time.perf_counter()
-        query = _Query(*detect_features(rgb, features))
+        query = _Query(*detect_features(rgb, features), image=rgb, K=K)
         timing["features"] += (time.perf_counter() - t0) * 1e3
         retrieve = lambda candidates=None: self._retrieve(rgb, query, tried, timing, candidates)  # noqa: E731
         attempt = lambda source, keyframes, previous=None: self._attempt(  # noqa: E731
@@ -558,9 +574,13 @@ class Refiner:
                 T, inliers, p2d, p3d, n_in = T2, inliers2, g2d, g3d, int(inliers2.sum())
                 outcome["matches"], outcome["guided"] = len(p2d), True
         outcome["inliers"] = n_in
-        # Between min_inliers and what this source needs: kept as a candidate that other keyframes may confirm.
-        unvouched = cfg.confirm_few_inliers and T is not None and cfg.min_inliers <= n_in < min_inliers
-        if T is None or (n_in < min_inliers and not unvouched) or n_in < cfg.min_inlier_ratio * max(1, len(p2d)):
+        enough_ratio = n_in >= cfg.min_inlier_ratio * max(1, len(p2d))
+        looks = self._looks_right(T, n_in, query) if T is not None and n_in < min_inliers and enough_ratio else ""
+        # Between min_inliers and what this source needs, or fewer where the image looks like the map there: kept as
+        # a candidate that other keyframes may confirm (a look vouches only where no keyframes contradict it).
+        unvouched = T is not None and n_in < min_inliers and (
+            bool(looks) or (cfg.confirm_few_inliers and cfg.min_inliers <= n_in))
+        if T is None or (n_in < min_inliers and not unvouched) or not enough_ratio:
             timing["pose"] += (time.perf_counter() - t0) * 1e3
             what = {"prior": "keyframes near the prior", "tracking": "keyframes near the last verified pose",
                     "neighbourhood": "keyframes around the refused pose",
@@ -585,7 +605,7 @@ class Refiner:
         outcome.update(T=T, covariance=covariance, ok=True,
                        reason=f"{n_in} inliers of {len(p2d)} matches from {len(keyframes)} {source} keyframes")
         if unvouched:
-            outcome.update(ok=False, unvouched=(p2d, p3d), failure=FAILURE_TOO_FEW_INLIERS,
+            outcome.update(ok=False, unvouched=(p2d, p3d), failure=FAILURE_TOO_FEW_INLIERS, looks=looks,
                            reason=outcome["reason"] + f" (fewer than {min_inliers}: other keyframes must give the same pose)")
         if prior_T is not None:
             delta = pose_difference(T, prior_T)
@@ -601,6 +621,22 @@ class Refiner:
                 outcome["reason"] += (f"; the prior was {outcome['correction'][0]:.2f} m, "
                                       f"{outcome['correction'][1]:.1f}° away")
         return outcome
+
+    def _looks_right(self, T: np.ndarray, inliers: int, query: "_Query") -> str:
+        """Why a pose of few inliers stands because the image looks like the map there ("" if it does not,
+        or cannot be checked): ``photometric_min_ncc``, :mod:`.views`."""
+        cfg = self.config
+        if not cfg.photometric_min_ncc or not self.map.has_views or inliers < cfg.photometric_min_inliers:
+            return ""
+        best, keyframe = float("nan"), -1
+        for k in self.map.nearest_keyframes(T, cfg.photometric_keyframes, cfg.metres_per_radian, cfg.max_keyframe_angle_deg):
+            ncc = view_agreement(query.view, T, self.map.view_grey[k], self.map.view_depth[k], self.map.view_intrinsics(k),
+                                 self.map.poses[k])
+            if np.isfinite(ncc) and not ncc <= best:
+                best, keyframe = ncc, int(k)
+        if not best >= cfg.photometric_min_ncc:
+            return ""
+        return f" (keyframe {keyframe}'s view: NCC {best:.2f}, photometric_min_ncc {cfg.photometric_min_ncc:g})"
 
     def _prior_is_wide(self, prior_cov: np.ndarray | None) -> bool:
         """Whether the prior is less certain, in its widest direction, than ``default_prior_std_m`` / ``_deg``.
@@ -703,10 +739,15 @@ class Refiner:
                 return {**best, "reason": f"{best['reason']}; it stands alone: {best['inliers']} inliers "
                                           f"(search_alone_inliers {self.config.search_alone_inliers}), and the keyframes "
                                           f"around it see too little to confirm or contradict it ({around['reason']})"}
+            elif self._uncontradicted(best, candidates, around) and best.get("looks"):
+                confirmed, how = best, (f"the image looks like the map there{best['looks']}, and the keyframes around it "
+                                        f"see too little to contradict it ({around['reason']})")
             else:
                 found = (f"gave another pose, {np.linalg.norm(pose_difference(around['T'], best['T'])[:3]):.2f} m away"
                          if around.get("T") is not None else f"did not confirm it ({around['reason']})")
                 return {**failed, "reason": failed["reason"] + f"; the keyframes around the best pose {found}"}
+        elif confirmed is None and best.get("looks") and self._uncontradicted(best, candidates, {"failure": FAILURE_NO_KEYFRAMES}):
+            confirmed, how = best, f"the image looks like the map there{best['looks']} (neighbourhood_confirms off)"
         if confirmed is None:
             return failed
         chosen = max((best, confirmed), key=lambda o: o["inliers"])
@@ -720,7 +761,12 @@ class Refiner:
         found no pose (too few inliers, or none left) and every other candidate that found one agrees with it."""
         alone = self.config.search_alone_inliers
         return (best["ok"] and best["source"] == "search" and 0 < alone <= best["inliers"]
-                and around.get("T") is None and around["failure"] in (FAILURE_TOO_FEW_INLIERS, FAILURE_NO_KEYFRAMES)
+                and self._uncontradicted(best, candidates, around))
+
+    def _uncontradicted(self, best: dict, candidates: list[dict], around: dict) -> bool:
+        """Whether the keyframes around ``best`` found no pose (too few inliers, or none left) and every other
+        candidate that found one agrees with it."""
+        return (around.get("T") is None and around["failure"] in (FAILURE_TOO_FEW_INLIERS, FAILURE_NO_KEYFRAMES)
                 and all(other.get("T") is None or self._agree(best, other) for other in candidates[1:]))
 
     def _agree(self, a: dict, b: dict) -> bool:
@@ -790,6 +836,13 @@ class _Query:
     descriptors: np.ndarray
     matches: dict[int, np.ndarray] = field(default_factory=dict)
     ranking: np.ndarray | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+    K: np.ndarray | None = None
+
+    @functools.cached_property
+    def view(self) -> QueryView:
+        """The image as keyframe views are compared with it (made on first use)."""
+        return QueryView.of(self.image, self.K)
 
 
 def _other_keyframes_may_help(outcome: dict) -> bool:

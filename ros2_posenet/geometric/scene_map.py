@@ -11,6 +11,9 @@ NVM points observed in the image) or ``triangulation`` (matches between keyframe
 with known poses, :mod:`ros2_posenet.triangulation`). Retrieval with a query's local
 features uses a bag of visual words learned from the keyframes' descriptors when first
 needed (:attr:`SceneMap.visual_words`; nothing of it is stored, so older maps serve too).
+A depth map's keyframes also keep a small grey view of themselves with the depth of each
+pixel (``view_grey``, ``view_depth``; :mod:`.views`), which the refiner uses to check a pose of
+few inliers photometrically; maps without them (older ones, triangulated ones) skip that check.
 
 File format: one uncompressed ``.npz`` (plain arrays, loaded with
 ``allow_pickle=False``): per-keyframe arrays, the per-feature arrays of all
@@ -69,6 +72,8 @@ class SceneMap:
             (N_i, D) uint8, (N_i, 3) float32 world; row k of each is one feature.
         point_info: optional per-point arrays by name, each a per-keyframe list of (N_i,).
         global_descriptors: (M, G) float32 image descriptors for retrieval (may be (M, 0)).
+        view_grey, view_depth: optional (M, h, w) uint8 grey views of the keyframes and float16
+            depth (m, 0 unknown) of their pixels (:func:`~.views.keyframe_view`); None: no views.
         point_source: ``depth``, ``reconstruction`` or ``triangulation``.
         feature_config: how the features were detected (queries must use the same).
         map_frame: the frame the poses and points are in (the checkpoint's map frame).
@@ -87,6 +92,8 @@ class SceneMap:
     feature_config: FeatureConfig
     point_info: dict[str, list[np.ndarray]] = field(default_factory=dict)
     global_descriptors: np.ndarray | None = None
+    view_grey: np.ndarray | None = None
+    view_depth: np.ndarray | None = None
     map_frame: str = "map"
     metadata: dict = field(default_factory=dict)
     version: int = VERSION
@@ -119,13 +126,39 @@ class SceneMap:
                         problems.append(f"keyframe {i}: point_info[{name}] has shape {np.shape(values[i])}, expected ({n},)")
         if not np.all(np.isfinite(self.poses)) or not np.all(np.isfinite(self.intrinsics)):
             problems.append("poses and intrinsics must be finite")
+        problems += self._check_views(m)
         if problems:
             raise MapError("invalid scene map: " + "; ".join(problems[:5]))
         self.keypoints = [np.asarray(k, np.float32) for k in self.keypoints]
         self.descriptors = [np.ascontiguousarray(d, np.uint8) for d in self.descriptors]
         self.points3d = [np.asarray(p, np.float32) for p in self.points3d]
 
+    def _check_views(self, m: int) -> list[str]:
+        if self.view_grey is None and self.view_depth is None:
+            return []
+        if self.view_grey is None or self.view_depth is None:
+            return ["view_grey and view_depth come together"]
+        self.view_grey = np.asarray(self.view_grey, np.uint8)
+        self.view_depth = np.asarray(self.view_depth, np.float16)
+        if self.view_grey.ndim != 3 or self.view_grey.shape[0] != m or self.view_depth.shape != self.view_grey.shape:
+            return [f"views of shapes {self.view_grey.shape} and {self.view_depth.shape}, expected ({m}, h, w) each"]
+        if not np.all(np.isfinite(self.view_depth)) or np.any(self.view_depth < 0):
+            return ["view depths must be finite and >= 0"]
+        return []
+
     # ---- properties
+
+    @property
+    def has_views(self) -> bool:
+        """Whether the keyframes carry views for the photometric check (:mod:`.views`)."""
+        return self.view_grey is not None
+
+    def view_intrinsics(self, i: int) -> np.ndarray:
+        """``K`` of keyframe ``i``'s view."""
+        from .views import view_intrinsics
+
+        h, w = self.view_grey.shape[1:]
+        return view_intrinsics(self.intrinsics[i], self.image_sizes[i], (w, h))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -211,8 +244,8 @@ class SceneMap:
             descriptors=[d[s] for d, s in zip(self.descriptors, keep)],
             points3d=points3d if points3d is not None else [p[s] for p, s in zip(self.points3d, keep)],
             point_source=self.point_source, feature_config=self.feature_config, point_info=info,
-            global_descriptors=self.global_descriptors.copy(), map_frame=self.map_frame,
-            metadata=json.loads(json.dumps(self.metadata)),
+            global_descriptors=self.global_descriptors.copy(), view_grey=self.view_grey, view_depth=self.view_depth,
+            map_frame=self.map_frame, metadata=json.loads(json.dumps(self.metadata)),
         )
 
     # ---- file I/O
@@ -248,6 +281,8 @@ class SceneMap:
         }
         for name, values in self.point_info.items():
             arrays[f"info_{name}"] = _concat(values, (0,), None)
+        if self.has_views:
+            arrays["view_grey"], arrays["view_depth"] = self.view_grey, self.view_depth
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -307,6 +342,8 @@ class SceneMap:
             feature_config=FeatureConfig.from_dict(header["feature_config"]),
             point_info={k: split(arrays[f"info_{k}"]) for k in header["point_info"]},
             global_descriptors=arrays["global_descriptors"],
+            view_grey=arrays.get("view_grey"),
+            view_depth=arrays.get("view_depth"),
             map_frame=header.get("map_frame", "map"),
             metadata=header.get("metadata", {}),
             version=header["version"],
@@ -432,19 +469,30 @@ class SceneMapBuilder:
         return len(self._keyframes)
 
     def add_image(self, name: str, image: np.ndarray, K: np.ndarray, pose: np.ndarray, lift: Lift) -> int:
-        """Detect features in ``image`` (HxWx3 RGB uint8), keep those ``lift`` places in 3D; returns how many."""
+        """Detect features in ``image`` (HxWx3 RGB uint8), keep those ``lift`` places in 3D; returns how many.
+
+        A depth map's keyframe also keeps its view (:func:`~.views.keyframe_view`, the size of the first
+        keyframe's), made with the same ``lift``.
+        """
+        from .views import keyframe_view, view_size
+
         keypoints, descriptors = detect_features(image, self.feature_config)
         size = (image.shape[1], image.shape[0])
         points, valid = lift(keypoints, size)
         valid = np.asarray(valid, bool) & np.all(np.isfinite(points), axis=1)
+        view = None
+        if self.point_source == "depth":
+            first = next((kf["view"][0] for kf in self._keyframes if kf["view"] is not None), None)
+            view = keyframe_view(image, K, pose, lift, view_size(size) if first is None else first.shape[::-1])
         self.add_keyframe(name, K, pose, size, keypoints[valid], descriptors[valid], points[valid],
-                          global_descriptor=tiny_image_descriptor(image))
+                          global_descriptor=tiny_image_descriptor(image), view=view)
         return int(valid.sum())
 
     def add_keyframe(self, name: str, K: np.ndarray, pose: np.ndarray, image_size: tuple[int, int],
                      keypoints: np.ndarray, descriptors: np.ndarray, points3d: np.ndarray,
-                     point_info: dict[str, np.ndarray] | None = None, global_descriptor: np.ndarray | None = None) -> None:
-        """Add one keyframe with features that already have 3D points."""
+                     point_info: dict[str, np.ndarray] | None = None, global_descriptor: np.ndarray | None = None,
+                     view: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Add one keyframe with features that already have 3D points (``view``: its grey view and depth)."""
         if self._keyframes and set(point_info or {}) != set(self._keyframes[0]["info"]):
             raise ValueError("every keyframe must carry the same point_info fields")
         self._keyframes.append({
@@ -452,6 +500,7 @@ class SceneMapBuilder:
             "size": tuple(int(v) for v in image_size), "keypoints": keypoints, "descriptors": descriptors,
             "points3d": points3d, "info": dict(point_info or {}),
             "global": None if global_descriptor is None else np.asarray(global_descriptor, np.float32),
+            "view": view,
         })
 
     def build(self, metadata: dict | None = None) -> SceneMap:
@@ -460,6 +509,7 @@ class SceneMapBuilder:
         if not kfs:
             raise MapError("no keyframes: nothing to build a map from")
         has_global = all(kf["global"] is not None for kf in kfs)
+        has_views = all(kf["view"] is not None for kf in kfs)
         info_names = sorted(kfs[0]["info"])
         return SceneMap(
             names=[kf["name"] for kf in kfs],
@@ -471,6 +521,8 @@ class SceneMapBuilder:
             points3d=[kf["points3d"] for kf in kfs],
             point_info={n: [np.asarray(kf["info"][n]) for kf in kfs] for n in info_names},
             global_descriptors=np.stack([kf["global"] for kf in kfs]) if has_global else None,
+            view_grey=np.stack([kf["view"][0] for kf in kfs]) if has_views else None,
+            view_depth=np.stack([kf["view"][1] for kf in kfs]) if has_views else None,
             point_source=self.point_source, feature_config=self.feature_config, map_frame=self.map_frame,
             metadata=dict(metadata or {}),
         )
