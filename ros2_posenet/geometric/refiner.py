@@ -623,8 +623,8 @@ class Refiner:
         return outcome
 
     def _looks_right(self, T: np.ndarray, inliers: int, query: "_Query") -> str:
-        """Why a pose of few inliers stands because the image looks like the map there ("" if it does not,
-        or cannot be checked): ``photometric_min_ncc``, :mod:`.views`."""
+        """A note that the image looks like the map at ``T``, a pose of few inliers ("" if it does not, or cannot
+        be checked): ``photometric_min_ncc``, :mod:`.views`."""
         cfg = self.config
         if not cfg.photometric_min_ncc or not self.map.has_views or inliers < cfg.photometric_min_inliers:
             return ""
@@ -746,7 +746,7 @@ class Refiner:
                 found = (f"gave another pose, {np.linalg.norm(pose_difference(around['T'], best['T'])[:3]):.2f} m away"
                          if around.get("T") is not None else f"did not confirm it ({around['reason']})")
                 return {**failed, "reason": failed["reason"] + f"; the keyframes around the best pose {found}"}
-        elif confirmed is None and best.get("looks") and self._uncontradicted(best, candidates, {"failure": FAILURE_NO_KEYFRAMES}):
+        elif confirmed is None and best.get("looks") and self._candidates_agree(best, candidates):
             confirmed, how = best, f"the image looks like the map there{best['looks']} (neighbourhood_confirms off)"
         if confirmed is None:
             return failed
@@ -767,7 +767,11 @@ class Refiner:
         """Whether the keyframes around ``best`` found no pose (too few inliers, or none left) and every other
         candidate that found one agrees with it."""
         return (around.get("T") is None and around["failure"] in (FAILURE_TOO_FEW_INLIERS, FAILURE_NO_KEYFRAMES)
-                and all(other.get("T") is None or self._agree(best, other) for other in candidates[1:]))
+                and self._candidates_agree(best, candidates))
+
+    def _candidates_agree(self, best: dict, candidates: list[dict]) -> bool:
+        """Whether every other candidate that found a pose agrees with ``best``."""
+        return all(other.get("T") is None or self._agree(best, other) for other in candidates[1:])
 
     def _agree(self, a: dict, b: dict) -> bool:
         """Whether two poses are the same within ``gate_sigma`` of their summed covariances."""
