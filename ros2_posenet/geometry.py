@@ -259,6 +259,11 @@ def resized_intrinsics(K: np.ndarray, scale_x: float, scale_y: float) -> np.ndar
     return K2
 
 
+def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """Intrinsics (3, 3) of an image resized from ``from_size`` to ``to_size`` (width, height)."""
+    return resized_intrinsics(K, to_size[0] / from_size[0], to_size[1] / from_size[1])
+
+
 def invert_matrix(T: np.ndarray) -> np.ndarray:
     """Inverse of a rigid 4x4 transform."""
     T = np.asarray(T, dtype=float)

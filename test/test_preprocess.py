@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import room_pose
-from ros2_posenet.data.common import scale_intrinsics
+from ros2_posenet.geometry import scale_intrinsics
 from ros2_posenet.data.synthetic import SyntheticScene, SyntheticSceneConfig
 from ros2_posenet.geometry import resized_intrinsics
 from ros2_posenet.preprocess import PreprocessConfig, Preprocessor

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..geometry import resized_intrinsics
 from ..preprocess import PreprocessConfig, Preprocessor
 from .augment import Augmentation, as_augmentation, color_jitter, random_rotation, rotate_view
 
@@ -117,11 +116,6 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise DatasetError("image file not found", path) from None
     except OSError as err:
         raise DatasetError(f"cannot read image header: {err}", path) from None
-
-
-def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
-    """Intrinsics (3, 3) of an image resized from ``from_size`` to ``to_size`` (width, height)."""
-    return resized_intrinsics(K, to_size[0] / from_size[0], to_size[1] / from_size[1])
 
 
 def subsample_points(points: np.ndarray, max_points: int, rng: np.random.Generator) -> np.ndarray:

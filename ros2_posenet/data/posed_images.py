@@ -25,10 +25,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ..geometry import canonical_quat_np, matrix_to_pose
+from ..geometry import canonical_quat_np, matrix_to_pose, scale_intrinsics
 from ..preprocess import PreprocessConfig, Preprocessor
 from .augment import Augmentation
-from .common import DatasetError, PoseDataset, PoseRecord, parse_floats, read_rgb, scale_intrinsics
+from .common import DatasetError, PoseDataset, PoseRecord, parse_floats, read_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 # Rounding in the text files: R may deviate this much from orthonormal before it is rejected.

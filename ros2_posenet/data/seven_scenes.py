@@ -46,11 +46,11 @@ import cv2
 import numpy as np
 import transforms3d.quaternions as t3q
 
-from ..geometry import backproject_pixels, invert_matrix, matrix_to_pose
+from ..geometry import backproject_pixels, invert_matrix, matrix_to_pose, scale_intrinsics
 from ..preprocess import PreprocessConfig, Preprocessor
 from .augment import Augmentation
 from .common import (
-    DatasetError, PoseDataset, PoseRecord, checked_unit_quaternion, parse_floats, scale_intrinsics, subsample_points,
+    DatasetError, PoseDataset, PoseRecord, checked_unit_quaternion, parse_floats, subsample_points,
 )
 
 # Kinect v1 as 7-Scenes recorded it (fx fy cx cy width height) and the LIRIS depth -> colour

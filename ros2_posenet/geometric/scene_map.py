@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..geometry import backproject_pixels, resized_pixel_coords
+from ..geometry import backproject_pixels, resized_pixel_coords, scale_intrinsics
 from .features import FeatureConfig, detect_features, match_features
 from .retrieval import VisualWords, tiny_image_descriptor
 
@@ -155,10 +155,8 @@ class SceneMap:
 
     def view_intrinsics(self, i: int) -> np.ndarray:
         """``K`` of keyframe ``i``'s view."""
-        from .views import view_intrinsics
-
         h, w = self.view_grey.shape[1:]
-        return view_intrinsics(self.intrinsics[i], self.image_sizes[i], (w, h))
+        return scale_intrinsics(self.intrinsics[i], self.image_sizes[i], (w, h))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -483,7 +481,7 @@ class SceneMapBuilder:
         view = None
         if self.point_source == "depth":
             first = next((kf["view"][0] for kf in self._keyframes if kf["view"] is not None), None)
-            view = keyframe_view(image, K, pose, lift, view_size(size) if first is None else first.shape[::-1])
+            view = keyframe_view(image, pose, lift, view_size(size) if first is None else first.shape[::-1])
         self.add_keyframe(name, K, pose, size, keypoints[valid], descriptors[valid], points[valid],
                           global_descriptor=tiny_image_descriptor(image), view=view)
         return int(valid.sum())

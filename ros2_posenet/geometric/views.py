@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..geometry import backproject_pixels, invert_matrix, resized_pixel_coords, scale_intrinsics
+
 # Views are this fraction of the keyframe's image side: enough texture to tell places apart, few
 # pixels to move (hololens-office: 135 x 90), and forgiving of the centimetres a right pose is off.
 VIEW_SCALE = 0.25
@@ -37,18 +39,6 @@ def view_size(image_size) -> tuple[int, int]:
     return max(8, round(w * VIEW_SCALE)), max(8, round(h * VIEW_SCALE))
 
 
-def view_intrinsics(K: np.ndarray, image_size, size) -> np.ndarray:
-    """``K`` of an image of ``image_size`` (w, h) resized to ``size`` (w, h)."""
-    sx, sy = size[0] / float(image_size[0]), size[1] / float(image_size[1])
-    out = np.asarray(K, np.float64).copy()
-    out[0] *= sx
-    out[1] *= sy
-    # pixel centres: x_small + 0.5 = (x + 0.5) * s
-    out[0, 2] += 0.5 * sx - 0.5
-    out[1, 2] += 0.5 * sy - 0.5
-    return out
-
-
 def grey(image: np.ndarray, size) -> np.ndarray:
     """(h, w) uint8 grey ``image`` (RGB or grey) resized to ``size`` (w, h) by area averaging."""
     image = np.asarray(image)
@@ -56,7 +46,7 @@ def grey(image: np.ndarray, size) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(g, np.uint8), tuple(int(v) for v in size), interpolation=cv2.INTER_AREA)
 
 
-def keyframe_view(image: np.ndarray, K: np.ndarray, pose: np.ndarray, lift, size) -> tuple[np.ndarray, np.ndarray]:
+def keyframe_view(image: np.ndarray, pose: np.ndarray, lift, size) -> tuple[np.ndarray, np.ndarray]:
     """A keyframe's view: ``(grey (h, w) uint8, depth (h, w) float16 metres, 0 where unknown)`` at ``size`` (w, h).
 
     ``lift``: the keyframe's :data:`~ros2_posenet.geometric.scene_map.Lift` (the map's own depth,
@@ -65,7 +55,7 @@ def keyframe_view(image: np.ndarray, K: np.ndarray, pose: np.ndarray, lift, size
     w, h = (int(v) for v in size)
     image_size = (image.shape[1], image.shape[0])
     u, v = np.meshgrid(np.arange(w), np.arange(h))
-    centres = np.stack([(u.ravel() + 0.5) * image_size[0] / w - 0.5, (v.ravel() + 0.5) * image_size[1] / h - 0.5], 1)
+    centres = resized_pixel_coords(np.stack([u.ravel(), v.ravel()], 1), (image_size[0] / w, image_size[1] / h))
     points, valid = lift(centres.astype(np.float32), image_size)
     pose = np.asarray(pose, np.float64)
     depth = (np.asarray(points, np.float64) - pose[:3, 3]) @ pose[:3, 2]  # along the optical axis
@@ -85,7 +75,7 @@ class QueryView:
         image_size = (image.shape[1], image.shape[0])
         size = view_size(image_size)
         blurred = cv2.GaussianBlur(grey(image, size).astype(np.float32), (0, 0), QUERY_BLUR_PX)
-        return cls(blurred, view_intrinsics(K, image_size, size))
+        return cls(blurred, scale_intrinsics(K, image_size, size))
 
 
 def view_agreement(query: QueryView, T_query: np.ndarray, view_grey: np.ndarray, view_depth: np.ndarray,
@@ -99,10 +89,8 @@ def view_agreement(query: QueryView, T_query: np.ndarray, view_grey: np.ndarray,
     v, u = np.nonzero(depth > 0)
     if len(u) < 16:
         return float("nan")
-    z = depth[v, u]
-    rays = np.stack([(u - view_K[0, 2]) / view_K[0, 0], (v - view_K[1, 2]) / view_K[1, 1], np.ones_like(z)], 1)
-    world = (rays * z[:, None]) @ np.asarray(T_view)[:3, :3].T + np.asarray(T_view)[:3, 3]
-    inverse = np.linalg.inv(np.asarray(T_query, np.float64))
+    world = backproject_pixels(np.stack([u, v], 1), depth[v, u], view_K, np.asarray(T_view, np.float64))
+    inverse = invert_matrix(np.asarray(T_query, np.float64))
     cam = world @ inverse[:3, :3].T + inverse[:3, 3]
     h, w = query.image.shape
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -7,7 +7,7 @@ from helpers import ROOM_K, room_map, room_pose
 from ros2_posenet.geometric.map_builder import without_keyframes
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, pose_difference
 from ros2_posenet.geometric.scene_map import MapError, SceneMap
-from ros2_posenet.geometric.views import QueryView, view_agreement, view_intrinsics, view_size
+from ros2_posenet.geometric.views import QueryView, view_agreement, view_size
 
 K = ROOM_K
 
@@ -35,8 +35,8 @@ def test_a_depth_map_keeps_a_small_view_of_each_keyframe_with_its_depth(room):
     # keyframe's own features (lifted from the full depth image) also lie on, at 1.5-8 m.
     depth = scene_map.view_depth.astype(float)
     assert (depth > 0).mean() > 0.95 and 0.3 < np.median(depth[depth > 0]) < 10
-    # view_intrinsics keeps pixel centres: the principal point of a 320x240 image at 159.5, 119.5 maps to 39.5, 29.5.
-    Kv = view_intrinsics(K, (320, 240), (80, 60))
+    # A view's K keeps pixel centres: the principal point of a 320x240 image at 159.5, 119.5 maps to 39.5, 29.5.
+    Kv = scene_map.view_intrinsics(0)
     np.testing.assert_allclose(Kv[:2, 2], [39.5, 29.5])
     np.testing.assert_allclose(np.diag(Kv)[:2], [75.0, 75.0])
 
