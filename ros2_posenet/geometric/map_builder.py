@@ -34,6 +34,7 @@ from .refiner import RefinementConfig, calibrate_covariance, calibration_residua
 from .retrieval import tiny_image_descriptor
 from .scene_map import SceneMap, SceneMapBuilder, depth_lift, observation_lift
 from .triangulation import TriangulationConfig, make_pair_matcher, triangulate_map
+from .views import grey, point_view_depth, view_size
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +159,22 @@ def _triangulated_map(dataset, keyframes, feature_config, map_frame, progress, c
 
 
 def _keyframe_views(dataset, keyframes, feature_config: FeatureConfig, progress: bool = False) -> list[dict]:
-    """Per keyframe what triangulation needs: name, features, global descriptor, K, pose, image size."""
+    """Per keyframe what triangulation needs: name, features, global descriptor, K, pose, image size, and its
+    grey view (:mod:`.views`; every keyframe's of the first one's size, as :meth:`SceneMapBuilder.add_image`)."""
     views = []
     for i in tqdm(keyframes, desc="build-map features", unit="keyframe", disable=not progress, file=sys.stderr):
         rgb = dataset.load_image(int(i))
+        size = (rgb.shape[1], rgb.shape[0])
         views.append({"name": dataset.samples[int(i)].name, "features": detect_features(rgb, feature_config),
                       "global": tiny_image_descriptor(rgb), "K": dataset.intrinsics(int(i)), "T": pose_matrix(dataset, int(i)),
-                      "size": (rgb.shape[1], rgb.shape[0])})
+                      "size": size, "grey": grey(rgb, views[0]["grey"].shape[::-1] if views else view_size(size))})
     return views
 
 
 def _triangulate_views(views: list[dict], feature_config: FeatureConfig, map_frame: str,
                        config: TriangulationConfig, pair_matcher=None) -> SceneMap:
-    """A triangulated map of ``views`` (:func:`_keyframe_views`): each keyframe keeps its features that got a point."""
+    """A triangulated map of ``views`` (:func:`_keyframe_views`): each keyframe keeps its features that got a point,
+    and its view with the depth of those points (:func:`~.views.point_view_depth`)."""
     tri = triangulate_map([v["features"] for v in views], np.stack([v["K"] for v in views]),
                           np.stack([v["T"] for v in views]), config, feature_config=feature_config,
                           pair_matcher=pair_matcher)
@@ -178,8 +182,10 @@ def _triangulate_views(views: list[dict], feature_config: FeatureConfig, map_fra
     for k, view in enumerate(views):
         feats, ids = tri.keyframe_points(k)
         keypoints, descriptors = view["features"]
+        depth = point_view_depth(keypoints[feats], tri.points3d[ids], view["T"], view["size"], view["grey"].shape[::-1])
         builder.add_keyframe(view["name"], view["K"], view["T"], view["size"], keypoints[feats], descriptors[feats],
-                             tri.points3d[ids], point_info=tri.point_info(ids), global_descriptor=view["global"])
+                             tri.points3d[ids], point_info=tri.point_info(ids), global_descriptor=view["global"],
+                             view=(view["grey"], depth))
     scene_map = builder.build()
     scene_map.metadata["triangulation"] = {"stats": tri.stats, "method": tri.method, "config": tri.config.to_dict()}
     return scene_map

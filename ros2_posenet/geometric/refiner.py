@@ -184,15 +184,15 @@ class RefinementConfig(GeometricSettings):
             those), and the pose is solved again; the result passes every check as usual.
         photometric_min_ncc: a pose of fewer inliers than its source needs (down to
             ``photometric_min_inliers``) becomes a candidate when the image looks like the map there:
-            a depth map's keyframe views nearest the pose (``photometric_keyframes``), moved into the
-            image by their depth, correlate with it at least this much (normalised cross-correlation,
+            the keyframe views nearest the pose (``photometric_keyframes``), moved into the
+            image by their depth (a triangulated map's: around its points), correlate with it at least this much (normalised cross-correlation,
             the best keyframe's; :mod:`.views`). Like a pose of ``confirm_few_inliers``, other keyframes
             that give the same pose confirm it and keyframes that give another refuse it; where the
             keyframes around it see too little to do either, its look vouches for it. It then passes
             the focal check. Chosen on hololens-office's validation blocks: right poses reach 0.8-0.96,
             chance poses metres away at most 0.75; poses 0.2-0.4 m off can look right too, which is why
             keyframes that disagree still decide (bench/RESULTS.md). 0, or a map without views
-            (triangulated, older maps): off.
+            (reconstruction, older maps): off.
         query_max_image_size: the query image is shrunk to at most this many pixels on its
             longer side before its features are detected (keypoints scaled back; 0: as the
             map's ``FeatureConfig.max_image_size``). SIFT's time follows the pixel count: 560

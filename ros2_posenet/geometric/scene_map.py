@@ -12,8 +12,9 @@ with known poses, :mod:`ros2_posenet.triangulation`). Retrieval with a query's l
 features uses a bag of visual words learned from the keyframes' descriptors when first
 needed (:attr:`SceneMap.visual_words`; nothing of it is stored, so older maps serve too).
 A depth map's keyframes also keep a small grey view of themselves with the depth of each
-pixel (``view_grey``, ``view_depth``; :mod:`.views`), which the refiner uses to check a pose of
-few inliers photometrically; maps without them (older ones, triangulated ones) skip that check.
+pixel (``view_grey``, ``view_depth``; :mod:`.views`), a triangulated map's with the depth around
+its points, which the refiner uses to check a pose of few inliers photometrically; maps without
+them (older ones, reconstruction maps) skip that check.
 
 File format: one uncompressed ``.npz`` (plain arrays, loaded with
 ``allow_pickle=False``): per-keyframe arrays, the per-feature arrays of all
@@ -73,7 +74,8 @@ class SceneMap:
         point_info: optional per-point arrays by name, each a per-keyframe list of (N_i,).
         global_descriptors: (M, G) float32 image descriptors for retrieval (may be (M, 0)).
         view_grey, view_depth: optional (M, h, w) uint8 grey views of the keyframes and float16
-            depth (m, 0 unknown) of their pixels (:func:`~.views.keyframe_view`); None: no views.
+            depth (m, 0 unknown) of their pixels (:func:`~.views.keyframe_view`,
+            :func:`~.views.point_view_depth`); None: no views.
         point_source: ``depth``, ``reconstruction`` or ``triangulation``.
         feature_config: how the features were detected (queries must use the same).
         map_frame: the frame the poses and points are in (the checkpoint's map frame).

@@ -426,6 +426,45 @@ def test_build_map_triangulates_a_rendered_scene_where_depth_says(tmp_path):
     relative = np.concatenate(relative)
     assert len(relative) > 500
     assert np.median(relative) < 0.01 and np.percentile(relative, 90) < 0.04
+    check_views_of_a_triangulated_map(scene_map, root, dataset, index)
+
+
+def check_views_of_a_triangulated_map(scene_map, root, dataset, index):
+    """A triangulated map's keyframe views know the depth around their points only, where the renderer says; and
+    a test frame of another pass agrees with them at its pose, not half a metre or 30° off it."""
+    import cv2
+
+    from ros2_posenet.data import build_dataset
+    from ros2_posenet.geometric.map_builder import pose_matrix, read_depth_m
+    from ros2_posenet.geometric.views import QueryView, view_agreement
+
+    assert scene_map.has_views
+    known = scene_map.view_depth > 0
+    assert 0.2 < known.mean() < 0.9  # patches around the points, not the whole view
+    h, w = scene_map.view_grey.shape[1:]
+    relative = []
+    for k, name in enumerate(scene_map.names):
+        truth = cv2.resize(read_depth_m(dataset, index[name]), (w, h), interpolation=cv2.INTER_NEAREST)
+        ok = known[k] & (truth > 0)
+        relative.append(np.abs(scene_map.view_depth[k][ok].astype(float) - truth[ok]) / truth[ok])
+    assert np.median(np.concatenate(relative)) < 0.03
+
+    test = build_dataset("7scenes", root, "test", max_points=0)
+    for i in range(len(test)):
+        image, K, T = test.load_image(i), test.intrinsics(i), pose_matrix(test, i)
+        query = QueryView.of(image, K)
+
+        def agreement(pose):
+            scores = [view_agreement(query, pose, scene_map.view_grey[k], scene_map.view_depth[k],
+                                     scene_map.view_intrinsics(k), scene_map.poses[k])
+                      for k in scene_map.nearest_keyframes(T, 3)]
+            return np.nanmax(scores)
+
+        moved, turned = T.copy(), T.copy()
+        moved[:3, 3] += [0.0, 0.0, 0.5]
+        turned[:3, :3] = T[:3, :3] @ cv2.Rodrigues(np.array([0.0, np.radians(30.0), 0.0]))[0]
+        assert agreement(T) > 0.9
+        assert agreement(moved) < 0.6 and agreement(turned) < 0.6
 
 
 def test_build_map_takes_triangulation_settings_and_refuses_bad_ones(tmp_path, capsys):

@@ -7,7 +7,7 @@ from helpers import ROOM_K, room_map, room_pose
 from ros2_posenet.geometric.map_builder import without_keyframes
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, pose_difference
 from ros2_posenet.geometric.scene_map import MapError, SceneMap
-from ros2_posenet.geometric.views import QueryView, view_agreement, view_size
+from ros2_posenet.geometric.views import QueryView, point_view_depth, view_agreement, view_size
 
 K = ROOM_K
 
@@ -39,6 +39,25 @@ def test_a_depth_map_keeps_a_small_view_of_each_keyframe_with_its_depth(room):
     Kv = scene_map.view_intrinsics(0)
     np.testing.assert_allclose(Kv[:2, 2], [39.5, 29.5])
     np.testing.assert_allclose(np.diag(Kv)[:2], [75.0, 75.0])
+
+
+def test_a_view_of_map_points_knows_the_depth_around_each_point_and_the_nearer_one_wins():
+    T = np.eye(4)
+    T[:3, 3] = [1.0, 2.0, 3.0]  # depth is measured along the optical axis from the camera centre
+    keypoints = np.array([[41.5, 21.5], [45.5, 21.5], [0.0, 0.0], [200.0, 200.0], [80.0, 40.0], [120.0, 80.0]])
+    points = T[:3, 3] + np.array([[0.0, 0.0, 2.0], [0.0, 0.0, 3.0], [0.0, 0.0, 5.0], [0.0, 0.0, 4.0], [0.0, 0.0, -1.0],
+                                  [0.0, 0.0, 1e6]])
+    stored = point_view_depth(keypoints, points, T, (160, 120), (40, 30), radius=1)
+    assert stored.shape == (30, 40) and stored.dtype == np.float16  # as the map keeps it
+    depth = stored.astype(float)
+    # Pixel (41.5, 21.5) of the image is the centre of pixel (10, 5) of the quarter-size view: its 3x3 patch is 2 m.
+    np.testing.assert_allclose(depth[4:7, 9:12], 2.0, rtol=1e-3)
+    # The 3 m point's patch (centre (11, 5)) overlaps it: where they overlap the nearer point stays.
+    np.testing.assert_allclose(depth[4:7, 12], 3.0, rtol=1e-3)
+    # A corner point keeps the part of its patch inside the view; a point off the view, behind the camera or
+    # too far for the map's float16 depth (two nearly parallel rays) none.
+    np.testing.assert_allclose(depth[:2, :2], 5.0, rtol=1e-3)
+    assert np.count_nonzero(depth) == 9 + 3 + 4
 
 
 def test_an_image_agrees_with_the_views_at_its_pose_and_not_elsewhere(room):
