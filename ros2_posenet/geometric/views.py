@@ -57,6 +57,12 @@ def grey(image: np.ndarray, size) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(g, np.uint8), tuple(int(v) for v in size), interpolation=cv2.INTER_AREA)
 
 
+def _depth_along_axis(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """(N,) depth of world ``points`` (N, 3) along the optical axis of the camera at ``pose`` (camera-to-world)."""
+    pose = np.asarray(pose, np.float64)
+    return (np.asarray(points, np.float64).reshape(-1, 3) - pose[:3, 3]) @ pose[:3, 2]
+
+
 def keyframe_view(image: np.ndarray, pose: np.ndarray, lift, size) -> tuple[np.ndarray, np.ndarray]:
     """A keyframe's view: ``(grey (h, w) uint8, depth (h, w) float16 metres, 0 where unknown)`` at ``size`` (w, h).
 
@@ -68,8 +74,7 @@ def keyframe_view(image: np.ndarray, pose: np.ndarray, lift, size) -> tuple[np.n
     u, v = np.meshgrid(np.arange(w), np.arange(h))
     centres = resized_pixel_coords(np.stack([u.ravel(), v.ravel()], 1), (image_size[0] / w, image_size[1] / h))
     points, valid = lift(centres.astype(np.float32), image_size)
-    pose = np.asarray(pose, np.float64)
-    depth = (np.asarray(points, np.float64) - pose[:3, 3]) @ pose[:3, 2]  # along the optical axis
+    depth = _depth_along_axis(points, pose)
     depth = np.where(np.asarray(valid, bool) & np.isfinite(depth) & (depth > 0), depth, 0.0)
     return grey(image, size), depth.reshape(h, w).astype(np.float16)
 
@@ -83,8 +88,7 @@ def point_view_depth(keypoints: np.ndarray, points3d: np.ndarray, pose: np.ndarr
     of the view (``size``, (w, h)) around its feature, the nearer point where patches overlap.
     """
     w, h = (int(v) for v in size)
-    pose = np.asarray(pose, np.float64)
-    depth = (np.asarray(points3d, np.float64).reshape(-1, 3) - pose[:3, 3]) @ pose[:3, 2]
+    depth = _depth_along_axis(points3d, pose)
     uv = np.rint(resized_pixel_coords(np.asarray(keypoints, np.float64).reshape(-1, 2),
                                       (w / image_size[0], h / image_size[1]))).astype(np.int64)
     keep = (depth > 0) & (depth < np.finfo(np.float16).max)  # a point at infinity (parallel rays) says nothing

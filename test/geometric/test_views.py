@@ -87,7 +87,7 @@ def test_views_survive_the_map_file_and_leaving_keyframes_out(room, tmp_path):
     reduced = without_keyframes(scene_map, [0, 3])
     np.testing.assert_array_equal(reduced.view_grey, np.delete(scene_map.view_grey, [0, 3], axis=0))
     np.testing.assert_array_equal(reduced.view_depth, np.delete(scene_map.view_depth, [0, 3], axis=0))
-    # A map written before views existed (or a triangulated one) has none, and says so.
+    # A map written before views existed (or a reconstruction map) has none, and says so.
     fields = {f: getattr(scene_map, f) for f in scene_map.__dataclass_fields__}
     plain = SceneMap(**{**fields, "view_grey": None, "view_depth": None})
     assert not SceneMap.load(plain.save(tmp_path / "plain.npz")).has_views
