@@ -34,7 +34,7 @@ from .refiner import RefinementConfig, calibrate_covariance, calibration_residua
 from .retrieval import tiny_image_descriptor
 from .scene_map import SceneMap, SceneMapBuilder, depth_lift, observation_lift
 from .triangulation import TriangulationConfig, make_pair_matcher, triangulate_map
-from .views import grey, point_view_depth, view_size
+from .views import grey, map_view_size, point_view_depth
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,14 @@ def _triangulated_map(dataset, keyframes, feature_config, map_frame, progress, c
 
 def _keyframe_views(dataset, keyframes, feature_config: FeatureConfig, progress: bool = False) -> list[dict]:
     """Per keyframe what triangulation needs: name, features, global descriptor, K, pose, image size, and its
-    grey view (:mod:`.views`; every keyframe's of the first one's size, as :meth:`SceneMapBuilder.add_image`)."""
+    grey view (:func:`~.views.map_view_size`)."""
     views = []
     for i in tqdm(keyframes, desc="build-map features", unit="keyframe", disable=not progress, file=sys.stderr):
         rgb = dataset.load_image(int(i))
         size = (rgb.shape[1], rgb.shape[0])
         views.append({"name": dataset.samples[int(i)].name, "features": detect_features(rgb, feature_config),
                       "global": tiny_image_descriptor(rgb), "K": dataset.intrinsics(int(i)), "T": pose_matrix(dataset, int(i)),
-                      "size": size, "grey": grey(rgb, views[0]["grey"].shape[::-1] if views else view_size(size))})
+                      "size": size, "grey": grey(rgb, map_view_size(views[0]["grey"] if views else None, size))})
     return views
 
 

@@ -474,7 +474,7 @@ class SceneMapBuilder:
         A depth map's keyframe also keeps its view (:func:`~.views.keyframe_view`, the size of the first
         keyframe's), made with the same ``lift``.
         """
-        from .views import keyframe_view, view_size
+        from .views import keyframe_view, map_view_size
 
         keypoints, descriptors = detect_features(image, self.feature_config)
         size = (image.shape[1], image.shape[0])
@@ -483,7 +483,7 @@ class SceneMapBuilder:
         view = None
         if self.point_source == "depth":
             first = next((kf["view"][0] for kf in self._keyframes if kf["view"] is not None), None)
-            view = keyframe_view(image, pose, lift, view_size(size) if first is None else first.shape[::-1])
+            view = keyframe_view(image, pose, lift, map_view_size(first, size))
         self.add_keyframe(name, K, pose, size, keypoints[valid], descriptors[valid], points[valid],
                           global_descriptor=tiny_image_descriptor(image), view=view)
         return int(valid.sum())

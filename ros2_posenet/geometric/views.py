@@ -50,6 +50,12 @@ def view_size(image_size) -> tuple[int, int]:
     return max(8, round(w * scale)), max(8, round(h * scale))
 
 
+def map_view_size(first_view: np.ndarray | None, image_size) -> tuple[int, int]:
+    """``(width, height)`` of a map's next keyframe view: the first view's (``first_view``, (h, w); a map stacks
+    its views into one array), or :func:`view_size` of ``image_size`` (w, h) for the first."""
+    return view_size(image_size) if first_view is None else (first_view.shape[1], first_view.shape[0])
+
+
 def grey(image: np.ndarray, size) -> np.ndarray:
     """(h, w) uint8 grey ``image`` (RGB or grey) resized to ``size`` (w, h) by area averaging."""
     image = np.asarray(image)

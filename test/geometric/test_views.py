@@ -7,7 +7,7 @@ from helpers import ROOM_K, room_map, room_pose
 from ros2_posenet.geometric.map_builder import without_keyframes
 from ros2_posenet.geometric.refiner import RefinementConfig, Refiner, pose_difference
 from ros2_posenet.geometric.scene_map import MapError, SceneMap
-from ros2_posenet.geometric.views import QueryView, point_view_depth, view_agreement, view_size
+from ros2_posenet.geometric.views import QueryView, map_view_size, point_view_depth, view_agreement, view_size
 
 K = ROOM_K
 
@@ -31,6 +31,9 @@ def test_a_depth_map_keeps_a_small_view_of_each_keyframe_with_its_depth(room):
     scene_map = room[1]
     assert scene_map.has_views and scene_map.view_grey.shape == (len(scene_map), 60, 80) == scene_map.view_depth.shape
     assert view_size((320, 240)) == (80, 60)
+    # A map's views stack into one array: the first sets the size, later keyframes of other sizes follow it.
+    assert map_view_size(None, (320, 240)) == (80, 60)
+    assert map_view_size(scene_map.view_grey[0], (640, 360)) == (80, 60) != view_size((640, 360))
     # The view's depth is the keyframe's: its pixels lifted with it land on the room's surfaces, which the
     # keyframe's own features (lifted from the full depth image) also lie on, at 1.5-8 m.
     depth = scene_map.view_depth.astype(float)
